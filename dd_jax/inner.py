@@ -1,0 +1,52 @@
+"""Stage 4 - the inner loop: T = steps x epochs gradient-descent steps on distilled data.
+
+Step t trains on distilled batch ``t mod steps`` with its own step size eta_t:
+``theta_t = theta_{t-1} - eta_t * grad_theta CE(apply(theta_{t-1}, x_{t mod S}), y_{t mod S})``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy; logits (N, K), integer labels (N,)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def gd_step(apply_fn: ApplyFn, params: Params, x: jax.Array, y: jax.Array, lr: jax.Array) -> Params:
+    """One plain gradient-descent step on the batch (x, y) with step size lr."""
+    grads = jax.grad(lambda p: cross_entropy(apply_fn(p, x), y))(params)
+    return jax.tree.map(lambda p, g: p - lr * g, params, grads)
+
+
+def unroll_schedule(images: jax.Array, labels: jax.Array, epochs: int) -> tuple[jax.Array, jax.Array]:
+    """(S, n, H, W, C), (S, n) -> the T = S*epochs batches in training order."""
+    return jnp.tile(images, (epochs,) + (1,) * (images.ndim - 1)), jnp.tile(labels, (epochs, 1))
+
+
+def inner_train(
+    apply_fn: ApplyFn, params: Params, images: jax.Array, labels: jax.Array,
+    step_sizes: jax.Array, epochs: int, remat: bool = False,
+) -> Params:
+    """Trains from `params` on the distilled data; returns theta_T.
+
+    images (S, n, H, W, C), labels (S, n), step_sizes (S*epochs,). With ``remat`` each step is
+    recomputed in the backward pass, so reverse-mode memory holds only the T parameter sets.
+    """
+    xs, ys = unroll_schedule(images, labels, epochs)
+
+    def step(p, batch):
+        x, y, lr = batch
+        return gd_step(apply_fn, p, x, y, lr), None
+
+    if remat:
+        step = jax.checkpoint(step)
+    params, _ = jax.lax.scan(step, params, (xs, ys, step_sizes))
+    return params

@@ -1,0 +1,235 @@
+"""Stage 6 - the outer loop: optimise the distilled data against the meta-objective.
+
+One outer iteration = one real batch, `n_nets` initialisations from the regime, one
+`jax.value_and_grad` of `meta_loss`, one optax Adam update - all in a single jitted step.
+Every random draw is a pure function of (seed, iteration), so a run resumed from a checkpoint
+ends exactly where the uninterrupted run would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dd_jax.checkpoint import restore_checkpoint, save_checkpoint
+from dd_jax.data import Dataset
+from dd_jax.errors import ConfigError, DivergedError
+from dd_jax.evaluation import Evaluator, summarise
+from dd_jax.meta import Learned, distilled_labels, init_learned, meta_loss
+from dd_jax.models import Model, as_model
+from dd_jax.regimes import DATA_STREAM, IMAGES_STREAM, INIT_DISTRIBUTIONS, InitRegime, make_regime
+
+Params = Any
+CHECKPOINT = "checkpoint.npz"
+METRICS = "metrics.jsonl"
+
+
+@dataclasses.dataclass
+class DistilledData:
+    """The result: train a network by T = steps*epochs GD steps, step t on batch t mod steps.
+
+    images (S, n, H, W, C) normalised; labels (S, n); step_sizes (T,); init_params is theta_0
+    for the fixed regime (None for random: draw from init_dist/init_gain, held-out via seed).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    step_sizes: np.ndarray
+    epochs: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    init_regime: str
+    init_dist: str
+    init_gain: float
+    seed: int
+    init_params: Params | None = None
+
+    @property
+    def steps(self) -> int:
+        return int(self.images.shape[0])
+
+
+@flax.struct.dataclass
+class DistillState:
+    """The outer loop's whole state: learned data, Adam state, iteration count."""
+
+    learned: Learned
+    opt_state: optax.OptState
+    iteration: jax.Array
+
+
+def validate_config(config) -> None:
+    """Raises ConfigError naming the first impossible value and what would work."""
+    at_least_one = ["steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
+                    "passes", "n_eval_nets", "checkpoint_every", "eval_every", "log_every"]
+    for name in at_least_one:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ["outer_lr", "step_size_init", "decay_factor", "init_gain"]:
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
+    if config.iterations < 0:
+        raise ConfigError(f"iterations must be >= 0 (0: passes x batches per pass), got {config.iterations}")
+    if config.init_regime not in ("fixed", "random"):
+        raise ConfigError(f"unknown init_regime {config.init_regime!r}; choose fixed or random")
+    if config.init_dist not in (*INIT_DISTRIBUTIONS, "model"):
+        raise ConfigError(
+            f"unknown init_dist {config.init_dist!r}; choose one of: "
+            f"{', '.join([*INIT_DISTRIBUTIONS, 'model'])}"
+        )
+    if config.init_regime == "fixed" and config.n_nets != 1:
+        raise ConfigError(
+            f"the fixed regime trains one known network, so n_nets must be 1 (got {config.n_nets}); "
+            "use --init_regime=random to average over initialisations"
+        )
+
+
+def make_optimizer(config, iters_per_pass: int) -> optax.GradientTransformation:
+    """Adam(outer_lr, b1, b2), step size x decay_factor every decay_passes passes."""
+    schedule = optax.exponential_decay(
+        config.outer_lr, transition_steps=max(1, config.decay_passes * iters_per_pass),
+        decay_rate=config.decay_factor, staircase=True,
+    )
+    return optax.adam(schedule, b1=config.beta1, b2=config.beta2)
+
+
+def make_meta_step(
+    model: Model, regime: InitRegime, labels: jax.Array, optimizer: optax.GradientTransformation,
+    epochs: int, remat: bool,
+) -> Callable:
+    """Jitted (state, train_x, train_y, batch_idx) -> (state, meta-loss)."""
+
+    def step(state: DistillState, train_x, train_y, batch_idx):
+        init_params = regime.train_inits(state.iteration)
+        loss, grads = jax.value_and_grad(meta_loss)(
+            state.learned, labels, init_params, train_x[batch_idx], train_y[batch_idx],
+            apply_fn=model.apply, epochs=epochs, remat=remat,
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.learned)
+        learned = optax.apply_updates(state.learned, updates)
+        return DistillState(learned, opt_state, state.iteration + 1), loss
+
+    return jax.jit(step, donate_argnums=0)
+
+
+class BatchOrder:
+    """Real batches as the authors' shuffled loader draws them: a fresh permutation per pass,
+    consecutive slices of `batch_size`, the remainder dropped."""
+
+    def __init__(self, key: jax.Array, n_train: int, batch_size: int):
+        self.key, self.n_train = key, n_train
+        self.batch_size = min(batch_size, n_train)
+        self.per_pass = n_train // self.batch_size
+        self._pass, self._perm = -1, None
+
+    def __call__(self, iteration: int) -> np.ndarray:
+        p, i = divmod(iteration, self.per_pass)
+        if p != self._pass:
+            self._pass = p
+            self._perm = np.asarray(jax.random.permutation(jax.random.fold_in(self.key, p), self.n_train))
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def distill(
+    dataset: Dataset, model_fn, config, *, workdir: str | Path | None = None,
+    resume: bool = False, progress: bool = True, log: Callable[[dict], None] | None = None,
+) -> DistilledData:
+    """Learns distilled images and step sizes for `dataset` and `model_fn` (see models.as_model).
+
+    config: a ConfigDict as in experiments/configs.py. With `workdir`, checkpoints go there every
+    `checkpoint_every` iterations and ``resume=True`` continues from the last one. `log` receives
+    one dict per logged iteration (loss, step sizes, seconds, and accuracy when evaluated).
+    """
+    validate_config(config)
+    model = as_model(model_fn)
+    key = jax.random.PRNGKey(config.seed)
+    train_x, train_y = jnp.asarray(dataset.train_x), jnp.asarray(dataset.train_y)
+    sample_x = train_x[:1]
+    regime = make_regime(
+        config.init_regime, key, model, sample_x, n_nets=config.n_nets,
+        dist=config.init_dist, gain=config.init_gain,
+    )
+    labels = distilled_labels(config.steps, config.images_per_class, dataset.num_classes)
+    learned = init_learned(
+        jax.random.fold_in(key, IMAGES_STREAM), labels, dataset.image_shape, config.epochs,
+        config.step_size_init,
+    )
+    batches = BatchOrder(jax.random.fold_in(key, DATA_STREAM), len(train_y), config.real_batch_size)
+    total = config.iterations or config.passes * batches.per_pass
+    optimizer = make_optimizer(config, batches.per_pass)
+    state = DistillState(learned, optimizer.init(learned), jnp.zeros((), jnp.int32))
+    meta_step = make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat)
+
+    evaluator = Evaluator(model.apply, config.epochs, dataset.test_x, dataset.test_y)
+    eval_inits = regime.eval_inits(1 if config.init_regime == "fixed" else config.n_eval_nets_during)
+
+    ckpt = Path(workdir) / CHECKPOINT if workdir is not None else None
+    elapsed = 0.0
+    if resume and ckpt is not None and ckpt.exists():
+        state, meta = restore_checkpoint(ckpt, state)
+        elapsed = meta["seconds"]
+    start_it = int(state.iteration)
+
+    def evaluate_now(learned: Learned) -> dict:
+        return summarise(evaluator(eval_inits, learned.images, labels, learned.step_sizes))
+
+    bar = _progress(total, start_it, progress)
+    postfix: dict[str, str] = {}
+    last_saved = start_it
+    t0 = time.perf_counter() - elapsed
+    for it in range(start_it, total):
+        state, loss = meta_step(state, train_x, train_y, jnp.asarray(batches(it)))
+        loss = float(loss)
+        if not math.isfinite(loss):
+            bar.close()
+            raise DivergedError(
+                f"meta-loss became {loss} at iteration {it + 1}; "
+                + (f"the last checkpoint (iteration {last_saved}) is kept. " if ckpt else "")
+                + f"Lower --outer_lr (now {config.outer_lr}) or --step_size_init "
+                f"(now {config.step_size_init}) and start again."
+            )
+        done = it + 1
+        row = None
+        if done % config.log_every == 0 or done == total:
+            row = {"iteration": done, "pass": done / batches.per_pass, "meta_loss": loss,
+                   "seconds": time.perf_counter() - t0,
+                   "step_sizes": np.asarray(state.learned.step_sizes).round(6).tolist()}
+        if done % config.eval_every == 0 or done == total:
+            acc = evaluate_now(state.learned)
+            row = {**(row or {"iteration": done, "meta_loss": loss}),
+                   "test_acc": acc["mean"], "test_acc_std": acc["std"], "eval_nets": acc["n_nets"],
+                   "seconds": time.perf_counter() - t0}
+            postfix["acc"] = f"{acc['mean']:.4f}"
+        if row is not None and log is not None:
+            log(row)
+        if ckpt is not None and (done % config.checkpoint_every == 0 or done == total):
+            save_checkpoint(ckpt, state, {"iteration": done, "seconds": time.perf_counter() - t0})
+            last_saved = done
+        if done % 10 == 0 or done == total:
+            postfix["loss"] = f"{loss:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+    bar.close()
+    learned = state.learned
+    return DistilledData(
+        images=np.asarray(learned.images), labels=np.asarray(labels),
+        step_sizes=np.asarray(learned.step_sizes), epochs=config.epochs,
+        mean=tuple(dataset.mean), std=tuple(dataset.std), init_regime=config.init_regime,
+        init_dist=config.init_dist, init_gain=config.init_gain, seed=config.seed,
+        init_params=None if regime.fixed_params is None else jax.tree.map(np.asarray, regime.fixed_params),
+    )
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="it", dynamic_ncols=True,
+                desc="distill")

@@ -1,0 +1,133 @@
+"""Stage 8 - outputs: the distilled data as a portable .npz, image grids, metrics, JSON.
+
+The .npz format (version 1) is documented in README.md ("The distilled-data file").
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dd_jax.errors import DataError
+from dd_jax.outer import DistilledData
+
+FORMAT_VERSION = 1
+
+
+def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v)
+    return out
+
+
+def _unflatten(flat: dict[str, np.ndarray], prefix: str) -> dict | None:
+    tree: dict = {}
+    for key, value in flat.items():
+        if not key.startswith(prefix):
+            continue
+        *path, leaf = key[len(prefix):].split("/")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree or None
+
+
+def save_distilled(path: str | Path, d: DistilledData, model: str = "") -> None:
+    """Writes `d` as an .npz (atomically); init_params, if any, as 'init/<layer>/<name>'."""
+    path = Path(path)
+    arrays = {
+        "format_version": np.int32(FORMAT_VERSION),
+        "images": np.asarray(d.images, np.float32),
+        "labels": np.asarray(d.labels, np.int32),
+        "step_sizes": np.asarray(d.step_sizes, np.float32),
+        "steps": np.int32(d.steps),
+        "epochs": np.int32(d.epochs),
+        "mean": np.asarray(d.mean, np.float32),
+        "std": np.asarray(d.std, np.float32),
+        "init_regime": np.array(d.init_regime),
+        "init_dist": np.array(d.init_dist),
+        "init_gain": np.float32(d.init_gain),
+        "seed": np.int64(d.seed),
+        "model": np.array(model),
+    }
+    if d.init_params is not None:
+        arrays.update(_flatten(d.init_params, "init/"))
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_distilled(path: str | Path) -> DistilledData:
+    """Reads an .npz written by `save_distilled`."""
+    try:
+        with np.load(path) as f:
+            flat = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read distilled data from {path}: {e}") from None
+    if int(flat.get("format_version", -1)) != FORMAT_VERSION:
+        raise DataError(f"{path} is not a dd_jax distilled-data file (format {FORMAT_VERSION})")
+    return DistilledData(
+        images=flat["images"], labels=flat["labels"], step_sizes=flat["step_sizes"],
+        epochs=int(flat["epochs"]), mean=tuple(flat["mean"].tolist()),
+        std=tuple(flat["std"].tolist()), init_regime=str(flat["init_regime"]),
+        init_dist=str(flat["init_dist"]), init_gain=float(flat["init_gain"]),
+        seed=int(flat["seed"]), init_params=_unflatten(flat, "init/"),
+    )
+
+
+def save_image_grid(path: str | Path, d: DistilledData, class_names: list[str] | None = None) -> None:
+    """PNG: one row per distilled step (its step sizes in the row title), one column per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, n = d.labels.shape
+    pixels = np.clip(np.asarray(d.images) * np.asarray(d.std) + np.asarray(d.mean), 0, 1)
+    fig, axes = plt.subplots(steps, n, figsize=(n * 0.9, steps * 1.05), squeeze=False)
+    for s in range(steps):
+        etas = ", ".join(f"{d.step_sizes[s + e * steps]:.3g}" for e in range(d.epochs))
+        for j in range(n):
+            ax = axes[s, j]
+            img = pixels[s, j]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            label = int(d.labels[s, j])
+            ax.set_title(class_names[label] if class_names else str(label), fontsize=7, pad=2)
+        axes[s, 0].set_ylabel(f"step {s}\nlr {etas}", fontsize=6)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Pretty JSON, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume drops rows past the checkpoint's iteration."""
+
+    def __init__(self, path: str | Path, keep_until: int | None = None):
+        self.path = Path(path)
+        if keep_until is not None and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("iteration", 0) <= keep_until]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif keep_until is None:
+            self.path.write_text("")
+
+    def __call__(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,1 @@
+"""Named experiments of the paper: `python -m experiments.run NAME`."""

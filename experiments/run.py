@@ -1,0 +1,120 @@
+"""Run a named experiment of the paper.
+
+    python -m experiments.run --list
+    python -m experiments.run mnist_fixed_init [--field=value ...] [--resume] [--quiet]
+
+Any config field (see experiments/configs.py) can be overridden with --field=value.
+Results go to runs/<name>/ unless --output_dir is given.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from pathlib import Path
+
+from dd_jax.errors import ConfigError, DDJaxError
+from experiments.configs import EXPERIMENTS
+
+USAGE = "usage: python -m experiments.run NAME [--field=value ...] [--resume] [--quiet] | --list"
+
+
+def parse_value(field: str, text: str, default):
+    """The flag text converted to the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return type(default)(text)
+    except ValueError:
+        raise ConfigError(
+            f"--{field}={text!r}: expected a {type(default).__name__} (default {default!r})"
+        ) from None
+
+
+def apply_overrides(config, overrides: dict[str, str]):
+    """Sets each --field=value on `config`; unknown fields are an error naming near matches."""
+    for field, text in overrides.items():
+        if field not in config:
+            near = difflib.get_close_matches(field, list(config.keys()), n=3)
+            hint = f" (did you mean {', '.join('--' + n for n in near)}?)" if near else ""
+            raise ConfigError(
+                f"unknown flag --{field}{hint}; valid flags: "
+                + ", ".join(f"--{k}" for k in config.keys())
+            )
+        config[field] = parse_value(field, text, config[field])
+    return config
+
+
+def parse_args(argv: list[str]) -> tuple[str, dict[str, str], set[str]]:
+    """argv -> (experiment name, {field: text}, switches such as 'resume')."""
+    name, overrides, switches = None, {}, set()
+    for arg in argv:
+        if arg in ("--list", "--resume", "--quiet", "--help", "-h"):
+            switches.add(arg.lstrip("-"))
+        elif arg.startswith("--"):
+            field, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"flag {arg!r} needs a value: --{field}=VALUE")
+            overrides[field] = text
+        elif name is None:
+            name = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}; {USAGE}")
+    return name, overrides, switches
+
+
+def resolve_config(name: str, overrides: dict[str, str], resume: bool):
+    """The experiment's config with overrides; on --resume, the saved run's config instead."""
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; valid names: {', '.join(EXPERIMENTS)}")
+    config = EXPERIMENTS[name]()
+    workdir = Path(overrides.get("output_dir") or config.output_dir or f"runs/{name}")
+    saved = workdir / "config.json"
+    if resume and saved.exists():
+        stored = json.loads(saved.read_text())
+        stored.pop("experiment", None)
+        config.update(stored)
+    config = apply_overrides(config, overrides)
+    return config, Path(config.output_dir or workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        name, overrides, switches = parse_args(argv)
+        if "help" in switches:
+            print(__doc__)
+            return 0
+        if "list" in switches:
+            for n, fn in EXPERIMENTS.items():
+                print(f"{n:28s} {fn.__doc__.splitlines()[0]}")
+            return 0
+        if name is None:
+            raise ConfigError(f"no experiment named; {USAGE}; valid names: {', '.join(EXPERIMENTS)}")
+        config, workdir = resolve_config(name, overrides, "resume" in switches)
+        from dd_jax.experiment import run
+
+        results = run(config, workdir, name=name, resume="resume" in switches,
+                      progress="quiet" not in switches)
+    except DDJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command with --resume to continue from the last "
+              "checkpoint", file=sys.stderr)
+        return 130
+    acc = f"{100 * results['test_acc']:.2f}%"
+    if results["eval_nets"] > 1:
+        acc += f" +- {100 * results['test_acc_std']:.2f} over {results['eval_nets']} held-out inits"
+    print(f"{name}: test accuracy {100 * results['untrained_acc']:.2f}% -> {acc} "
+          f"({results['test_examples']} test images, {results['distill_seconds']:.0f} s distilling); "
+          f"outputs in {workdir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
