@@ -72,6 +72,13 @@ class Im2colConv(nn.Module):
         return patches @ kernel.reshape(kh * kw * cin, self.features) + bias
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling, stride 2, as a reshape + max (faster to differentiate on XLA:CPU than
+    nn.max_pool's select-and-scatter; the same function for even H and W)."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class LeNet(nn.Module):
     """LeNet-5 of the paper: conv5x5-6, pool, conv5x5-16, pool, fc120, fc84, fc(classes), ReLU.
 
@@ -94,8 +101,8 @@ class LeNet(nn.Module):
                 return Im2colConv(features, (5, 5), padding, name=name)
             return nn.Conv(features, (5, 5), padding=padding, name=name)
 
-        x = nn.max_pool(nn.relu(conv(6, pad, "conv1")(x)), (2, 2), (2, 2))
-        x = nn.max_pool(nn.relu(conv(16, 0, "conv2")(x)), (2, 2), (2, 2))
+        x = max_pool_2x2(nn.relu(conv(6, pad, "conv1")(x)))
+        x = max_pool_2x2(nn.relu(conv(16, 0, "conv2")(x)))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(120, name="fc1")(x))
         x = nn.relu(nn.Dense(84, name="fc2")(x))

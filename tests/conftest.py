@@ -1,0 +1,164 @@
+"""Shared fixtures for the dd_jax test suite.
+
+Speed: the suite runs on a 2-core CPU. Several tests compile the same LeNet meta-step and
+evaluator (the CLI runs, the distillation run); a per-session persistent XLA compilation cache
+makes every compilation after the first a cache hit. It changes no numerics.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+_CACHE_DIR: str | None = None
+_OWN_CACHE = False
+
+
+def pytest_configure(config):
+    global _CACHE_DIR, _OWN_CACHE
+    import jax
+
+    _CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not _CACHE_DIR:
+        _CACHE_DIR = tempfile.mkdtemp(prefix="dd_jax_test_xla_cache_")
+        _OWN_CACHE = True
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and _CACHE_DIR:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir() -> str:
+    """The session's persistent compilation cache (for subprocesses)."""
+    return _CACHE_DIR
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="session")
+def digits28():
+    from dd_jax.data import load_digits
+
+    return load_digits(size=28)
+
+
+@pytest.fixture(scope="session")
+def digits8():
+    from dd_jax.data import load_digits
+
+    return load_digits(size=8)
+
+
+MNIST_GZ = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def _first_flip_position(raw: bytes, exc_type: type) -> int:
+    """The first byte of the deflate payload whose inversion makes gzip.decompress raise
+    exactly `exc_type` (deterministic for a given file)."""
+    import zlib  # noqa: F401  (zlib.error is one of the candidates)
+
+    for pos in range(20, len(raw) - 8):
+        b = bytearray(raw)
+        b[pos] ^= 0xFF
+        try:
+            gzip.decompress(bytes(b))
+        except Exception as e:  # noqa: BLE001
+            if type(e) is exc_type:
+                return pos
+    raise AssertionError(f"no byte flip gives {exc_type}")
+
+
+def corrupt_mnist_file(directory: Path, how: str, fname: str = MNIST_GZ["train_labels"]) -> None:
+    """Damages one file of an MNIST copy in `directory`.
+
+    how: 'regzip' (one byte of the uncompressed data changed, re-gzipped: a valid gzip whose
+    contents fail the SHA-256), 'crc' / 'deflate' (one byte of the compressed stream flipped so
+    that gzip reports a CRC mismatch / zlib an invalid deflate stream), 'truncate', 'missing'.
+    """
+    import zlib
+
+    path = directory / fname
+    raw = path.read_bytes()
+    if how == "regzip":
+        data = bytearray(gzip.decompress(raw))
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(gzip.compress(bytes(data), mtime=0))
+    elif how in ("crc", "deflate"):
+        exc = gzip.BadGzipFile if how == "crc" else zlib.error
+        pos = _first_flip_position(raw, exc)
+        b = bytearray(raw)
+        b[pos] ^= 0xFF
+        path.write_bytes(bytes(b))
+    elif how == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "missing":
+        path.unlink()
+    else:
+        raise ValueError(how)
+
+
+@pytest.fixture
+def mnist_copy(tmp_path) -> Path:
+    """A fresh copy of the packaged MNIST directory (about 11 MB) to damage."""
+    from dd_jax import data
+
+    dst = tmp_path / "mnist"
+    shutil.copytree(data.MNIST_DIR, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------- models
+
+
+def make_tiny_mlp(hidden: int = 6, num_classes: int = 10):
+    """A smooth (tanh) two-layer Flax MLP: smooth so finite differences are meaningful."""
+    import flax.linen as nn
+
+    class TinyMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1)
+            x = nn.tanh(nn.Dense(hidden, name="fc1")(x))
+            return nn.Dense(num_classes, name="fc2")(x)
+
+    return TinyMLP()
+
+
+def make_tiny_convnet(num_classes: int = 10):
+    """A tiny smooth conv net: the library's im2col conv (3x3, 2 features), tanh, dense."""
+    import flax.linen as nn
+
+    from dd_jax.models import Im2colConv
+
+    class TinyConv(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.tanh(Im2colConv(2, (3, 3), 1, name="conv")(x))
+            x = x.reshape(x.shape[0], -1)
+            return nn.Dense(num_classes, name="fc")(x)
+
+    return TinyConv()
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp():
+    return make_tiny_mlp()

@@ -1,0 +1,151 @@
+"""LeNet's two convolution implementations, and how the library accepts a model."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_mlp
+from dd_jax.errors import ConfigError
+from dd_jax.inner import cross_entropy
+from dd_jax.models import MODELS, Im2colConv, LeNet, Model, as_model, get_model
+
+
+def _assert_trees_close(a, b, rtol, atol):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 1), (32, 32, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_lenet_im2col_equals_xla(shape):
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.normal(size=(3, *shape)), jnp.float32)
+    y = jnp.asarray([1, 7, 3], jnp.int32)
+    im2col, xla = LeNet(num_classes=10, conv="im2col"), LeNet(num_classes=10, conv="xla")
+
+    # same parameter tree (names, shapes, dtypes)
+    key = jax.random.PRNGKey(0)
+    s_im2col = jax.eval_shape(im2col.init, key, x[:1])
+    s_xla = jax.eval_shape(xla.init, key, x[:1])
+    assert jax.tree.structure(s_im2col) == jax.tree.structure(s_xla)
+    for a, b in zip(jax.tree.leaves(s_im2col), jax.tree.leaves(s_xla)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    assert set(s_im2col["params"]) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    assert s_im2col["params"]["conv1"]["kernel"].shape == (5, 5, shape[-1], 6)
+    assert s_im2col["params"]["fc1"]["kernel"].shape == (5 * 5 * 16, 120)
+
+    # non-trivial parameters (random biases too, so the bias path is compared)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, jnp.float32), s_im2col)["params"]
+
+    @jax.jit
+    def outputs_and_grads(params):
+        out = {}
+        for name, m in (("im2col", im2col), ("xla", xla)):
+            loss = lambda p: cross_entropy(m.apply({"params": p}, x), y)
+            out[name] = (m.apply({"params": params}, x), jax.grad(loss)(params))
+        return out
+
+    out = outputs_and_grads(params)
+    (o1, g1), (o2, g2) = out["im2col"], out["xla"]
+    assert o1.shape == (3, 10)
+    np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), rtol=1e-4, atol=1e-4)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert scale > 0, path
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_im2col_conv_matches_flax_conv_with_padding():
+    """The building block alone, with a non-square kernel and padding 1."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32)
+    a, b = Im2colConv(4, (3, 2), padding=1), nn.Conv(4, (3, 2), padding=1)
+    sa = jax.eval_shape(a.init, jax.random.PRNGKey(0), x)
+    sb = jax.eval_shape(b.init, jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, sa) == jax.tree.map(jnp.shape, sb)
+    p = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), sa)
+    ya, yb = jax.jit(lambda p: (a.apply(p, x), b.apply(p, x)))(p)
+    assert ya.shape == (2, 7, 7, 4)
+    np.testing.assert_allclose(np.asarray(ya), np.asarray(yb), rtol=1e-5, atol=1e-5)
+
+
+def test_lenet_rejects_unknown_conv():
+    with pytest.raises(ConfigError, match="conv"):
+        jax.eval_shape(LeNet(conv="fft").init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+
+
+# --------------------------------------------------------------------------- as_model
+
+
+def _check_model(model: Model, params_expected_keys=("fc1", "fc2")):
+    x = jnp.ones((2, 4, 4, 1))
+    params = model.init(jax.random.PRNGKey(0), x)
+    assert set(params) == set(params_expected_keys)  # the bare params tree, no {'params': ...}
+    logits = model.apply(params, x)
+    assert logits.shape == (2, 10)
+    return params, logits
+
+
+def test_as_model_accepts_flax_module():
+    module = make_tiny_mlp()
+    model = as_model(module)
+    assert isinstance(model, Model)
+    params, logits = _check_model(model)
+    np.testing.assert_allclose(
+        np.asarray(logits), np.asarray(module.apply({"params": params}, jnp.ones((2, 4, 4, 1)))))
+
+
+def test_as_model_passes_model_through():
+    m = as_model(make_tiny_mlp())
+    assert as_model(m) is m
+
+
+def test_as_model_accepts_init_apply_pair():
+    module = make_tiny_mlp()
+    init = lambda key, x: module.init(key, x)["params"]
+    apply = lambda p, x: module.apply({"params": p}, x)
+    model = as_model((init, apply))
+    assert isinstance(model, Model)
+    assert model.init is init and model.apply is apply
+    _check_model(model)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "lenet",
+        None,
+        42,
+        LeNet,  # the class, not a module instance
+        [lambda k, x: None, lambda p, x: None],  # a list, not a pair
+        (lambda k, x: None,),  # one function
+        (lambda k, x: None, lambda p, x: None, lambda: None),  # three
+        (lambda k, x: None, "apply"),  # not callable
+        {"init": lambda k, x: None, "apply": lambda p, x: None},
+    ],
+    ids=["str", "None", "int", "class", "list", "1-tuple", "3-tuple", "non-callable", "dict"],
+)
+def test_as_model_rejects_other_things(bad):
+    with pytest.raises(ConfigError, match="model_fn must be"):
+        as_model(bad)
+
+
+def test_get_model():
+    m = get_model("lenet", 7, conv="xla")
+    assert isinstance(m, LeNet) and m.num_classes == 7 and m.conv == "xla"
+    assert set(MODELS) >= {"lenet"}
+
+
+@pytest.mark.parametrize("name", ["resnet", "LeNet", ""])
+def test_get_model_unknown_name(name):
+    with pytest.raises(ConfigError, match="unknown model") as e:
+        get_model(name, 10)
+    assert "lenet" in str(e.value)  # names the valid choices
+    assert isinstance(e.value, ValueError)
