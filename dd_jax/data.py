@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def _read_checked(path: Path, expected_sha256: str) -> bytes:
         )
     try:
         raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(
             f"MNIST file {path} is not a readable gzip file ({e}); it is corrupted - "
             "reinstall dd_jax to restore it"
@@ -98,6 +99,8 @@ def parse_idx(raw: bytes) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError("not an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"IDX header cut short: {ndim} dimensions need {4 + 4 * ndim} bytes")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
@@ -105,19 +108,26 @@ def parse_idx(raw: bytes) -> np.ndarray:
     return data.reshape(shape)
 
 
-def load_mnist(directory: Path | str = MNIST_DIR) -> Dataset:
-    """Canonical MNIST (60k/10k, 28x28x1) from IDX files, verified against SHA256SUMS."""
-    directory = Path(directory)
-    sums_path = directory / "SHA256SUMS"
-    if not sums_path.exists():
-        raise DataError(f"{sums_path} is missing; reinstall dd_jax to restore the MNIST files")
-    sums = {
-        name: digest
-        for digest, name in (
-            line.split() for line in sums_path.read_text().splitlines()
-            if line.strip() and not line.startswith("#")
-        )
-    }
+def read_checksums(path: Path) -> dict[str, str]:
+    """{file name: SHA-256} from a `sha256sum`-style file listing every MNIST file."""
+    if not path.exists():
+        raise DataError(f"{path} is missing; reinstall dd_jax to restore the MNIST files")
+    lines = [l for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    sums = dict(reversed(l.split()) for l in lines if len(l.split()) == 2)
+    missing = [f for f in MNIST_FILES.values() if f not in sums]
+    if missing:
+        raise DataError(f"{path} has no checksum for {', '.join(missing)}; it is corrupted - "
+                        "reinstall dd_jax to restore it")
+    return sums
+
+
+def load_mnist(directory: Path | str | None = None) -> Dataset:
+    """Canonical MNIST (60k/10k, 28x28x1) from IDX files, verified against SHA256SUMS.
+
+    directory defaults to the copy inside the package (MNIST_DIR).
+    """
+    directory = Path(MNIST_DIR if directory is None else directory)
+    sums = read_checksums(directory / "SHA256SUMS")
     arrays = {
         key: parse_idx(_read_checked(directory / f"{fname}.gz", sums[fname]))
         for key, fname in MNIST_FILES.items()
@@ -158,8 +168,21 @@ def load_digits(size: int = 28, n_test: int = 300) -> Dataset:
     return Dataset("digits", x[:-n_test], y[:-n_test], x[-n_test:], y[-n_test:], 10, mean, std)
 
 
+def _tfds_split(tfds, name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, H, W, C), labels (N,)) of one split: with TensorFlow installed through
+    `tfds.load` (which can also prepare the dataset), otherwise from prepared array_record files
+    through `tfds.data_source` (no download attempted)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        data = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, data_dir=data_dir))
+        return np.asarray(data["image"]), np.asarray(data["label"])
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    return (np.stack([ex["image"] for ex in source]), np.array([ex["label"] for ex in source]))
+
+
 def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
-    """A prepared tensorflow-datasets catalog dataset with 'image' and 'label' features."""
+    """A tensorflow-datasets catalog dataset with 'image' and 'label' features, prepared offline."""
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -167,34 +190,26 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
             f"dataset {name!r} needs tensorflow-datasets: pip install tensorflow-datasets"
         ) from None
     try:
-        sources = tfds.data_source(name, data_dir=data_dir)
-        splits = {s: sources[s] for s in ("train", "test")}
-        arrays = {
-            s: (np.stack([ex["image"] for ex in src]), np.array([ex["label"] for ex in src]))
-            for s, src in splits.items()
-        }
-        info = tfds.builder(name, data_dir=data_dir).info
+        (train_px, train_y), (test_px, test_y) = (
+            _tfds_split(tfds, name, split, data_dir) for split in ("train", "test")
+        )
+        num_classes = int(tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes)
     except Exception as e:  # tfds raises many types for a dataset that is not prepared
         raise DataError(
-            f"dataset {name!r} is not available offline ({type(e).__name__}: {str(e)[:200]}). "
+            f"dataset {name!r} is not available offline ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:160]}). "
             f"Prepare it once on a machine with internet: pip install tensorflow "
             f"tensorflow-datasets && python -c \"import tensorflow_datasets as tfds; "
             f"tfds.builder('{name}').download_and_prepare()\", then copy ~/tensorflow_datasets "
-            f"here (or pass data_dir). Offline alternatives: 'mnist', 'digits'."
+            f"here (or pass --data_dir). Offline alternatives: 'mnist', 'digits'."
         ) from None
-    train_px = arrays["train"][0].astype(np.float32) / 255.0
-    test_px = arrays["test"][0].astype(np.float32) / 255.0
+    train_px = train_px.astype(np.float32) / 255.0
+    test_px = test_px.astype(np.float32) / 255.0
     mean = tuple(float(m) for m in train_px.mean(axis=(0, 1, 2)))
     std = tuple(float(s) for s in train_px.std(axis=(0, 1, 2)))
     return Dataset(
-        name,
-        normalise(train_px, mean, std),
-        arrays["train"][1].astype(np.int32),
-        normalise(test_px, mean, std),
-        arrays["test"][1].astype(np.int32),
-        int(info.features["label"].num_classes),
-        mean,
-        std,
+        name, normalise(train_px, mean, std), train_y.astype(np.int32),
+        normalise(test_px, mean, std), test_y.astype(np.int32), num_classes, mean, std,
     )
 
 

@@ -24,11 +24,14 @@ RESULTS = "results.json"
 
 
 def prepare_workdir(workdir: Path, resume: bool) -> None:
-    """Refuses to overwrite an earlier run, and to resume one that is not there."""
-    occupied = any((workdir / f).exists() for f in (CHECKPOINT, RESULTS, CONFIG))
-    if resume and not (workdir / CHECKPOINT).exists():
-        raise ConfigError(f"nothing to resume: {workdir / CHECKPOINT} does not exist; drop --resume")
-    if not resume and occupied:
+    """Refuses to overwrite an earlier run's checkpoint or results, and to resume no run.
+
+    A directory whose run stopped before its first checkpoint holds nothing worth keeping:
+    a plain rerun starts afresh there, and so does --resume.
+    """
+    if resume and not (workdir / CONFIG).exists():
+        raise ConfigError(f"nothing to resume: {workdir} holds no run; drop --resume")
+    if not resume and any((workdir / f).exists() for f in (CHECKPOINT, RESULTS)):
         raise ConfigError(
             f"{workdir} already holds a run; pass --resume to continue it, or choose a new "
             "directory with --output_dir=DIR"
@@ -47,9 +50,8 @@ def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
     prepare_workdir(workdir, resume)
     write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
 
-    keep_until = None
-    if resume:
-        keep_until = checkpoint_meta(workdir / CHECKPOINT)["iteration"]
+    resume = resume and (workdir / CHECKPOINT).exists()
+    keep_until = checkpoint_meta(workdir / CHECKPOINT)["iteration"] if resume else None
     log = MetricsLog(workdir / METRICS, keep_until)
     distilled = distill(dataset, model, config, workdir=workdir, resume=resume,
                         progress=progress, log=log)

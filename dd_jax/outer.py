@@ -138,6 +138,52 @@ class BatchOrder:
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
 
+@dataclasses.dataclass
+class OuterLoop:
+    """Everything one run's outer loop needs, built from (dataset, model, config)."""
+
+    model: Model
+    regime: InitRegime
+    labels: jax.Array
+    batches: BatchOrder
+    total: int
+    state: DistillState
+    meta_step: Callable
+    train_x: jax.Array
+    train_y: jax.Array
+
+    def step(self, state: DistillState, iteration: int) -> tuple[DistillState, jax.Array]:
+        """One outer iteration on the real batch that `iteration` draws."""
+        idx = jnp.asarray(self.batches(iteration))
+        return self.meta_step(state, self.train_x, self.train_y, idx)
+
+
+def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
+    """Validates `config` and builds the regime, initial state and jitted meta-step."""
+    validate_config(config)
+    model = as_model(model_fn)
+    key = jax.random.PRNGKey(config.seed)
+    train_x, train_y = jnp.asarray(dataset.train_x), jnp.asarray(dataset.train_y)
+    regime = make_regime(
+        config.init_regime, key, model, train_x[:1], n_nets=config.n_nets,
+        dist=config.init_dist, gain=config.init_gain,
+    )
+    labels = distilled_labels(config.steps, config.images_per_class, dataset.num_classes)
+    learned = init_learned(
+        jax.random.fold_in(key, IMAGES_STREAM), labels, dataset.image_shape, config.epochs,
+        config.step_size_init,
+    )
+    batches = BatchOrder(jax.random.fold_in(key, DATA_STREAM), len(train_y), config.real_batch_size)
+    optimizer = make_optimizer(config, batches.per_pass)
+    return OuterLoop(
+        model=model, regime=regime, labels=labels, batches=batches,
+        total=config.iterations or config.passes * batches.per_pass,
+        state=DistillState(learned, optimizer.init(learned), jnp.zeros((), jnp.int32)),
+        meta_step=make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat),
+        train_x=train_x, train_y=train_y,
+    )
+
+
 def distill(
     dataset: Dataset, model_fn, config, *, workdir: str | Path | None = None,
     resume: bool = False, progress: bool = True, log: Callable[[dict], None] | None = None,
@@ -148,26 +194,9 @@ def distill(
     `checkpoint_every` iterations and ``resume=True`` continues from the last one. `log` receives
     one dict per logged iteration (loss, step sizes, seconds, and accuracy when evaluated).
     """
-    validate_config(config)
-    model = as_model(model_fn)
-    key = jax.random.PRNGKey(config.seed)
-    train_x, train_y = jnp.asarray(dataset.train_x), jnp.asarray(dataset.train_y)
-    sample_x = train_x[:1]
-    regime = make_regime(
-        config.init_regime, key, model, sample_x, n_nets=config.n_nets,
-        dist=config.init_dist, gain=config.init_gain,
-    )
-    labels = distilled_labels(config.steps, config.images_per_class, dataset.num_classes)
-    learned = init_learned(
-        jax.random.fold_in(key, IMAGES_STREAM), labels, dataset.image_shape, config.epochs,
-        config.step_size_init,
-    )
-    batches = BatchOrder(jax.random.fold_in(key, DATA_STREAM), len(train_y), config.real_batch_size)
-    total = config.iterations or config.passes * batches.per_pass
-    optimizer = make_optimizer(config, batches.per_pass)
-    state = DistillState(learned, optimizer.init(learned), jnp.zeros((), jnp.int32))
-    meta_step = make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat)
-
+    loop = build_outer_loop(dataset, model_fn, config)
+    model, regime, labels, batches, total, state = (
+        loop.model, loop.regime, loop.labels, loop.batches, loop.total, loop.state)
     evaluator = Evaluator(model.apply, config.epochs, dataset.test_x, dataset.test_y)
     eval_inits = regime.eval_inits(1 if config.init_regime == "fixed" else config.n_eval_nets_during)
 
@@ -186,13 +215,14 @@ def distill(
     last_saved = start_it
     t0 = time.perf_counter() - elapsed
     for it in range(start_it, total):
-        state, loss = meta_step(state, train_x, train_y, jnp.asarray(batches(it)))
+        state, loss = loop.step(state, it)
         loss = float(loss)
         if not math.isfinite(loss):
             bar.close()
             raise DivergedError(
                 f"meta-loss became {loss} at iteration {it + 1}; "
-                + (f"the last checkpoint (iteration {last_saved}) is kept. " if ckpt else "")
+                + (f"the last checkpoint (iteration {last_saved}) is kept. "
+                   if ckpt is not None and ckpt.exists() else "no checkpoint had been saved. ")
                 + f"Lower --outer_lr (now {config.outer_lr}) or --step_size_init "
                 f"(now {config.step_size_init}) and start again."
             )

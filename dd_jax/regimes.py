@@ -12,6 +12,7 @@ H*W*O out), so ``xavier_normal`` matches ``torch.nn.init.xavier_normal_``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -33,7 +34,7 @@ def _orthogonal(gain: float) -> Initializer:
 
     def init(key, shape, dtype=jnp.float32):
         # PyTorch flattens all but the output dim; so does this, for conv kernels too.
-        flat = ortho(key, (int(jnp.prod(jnp.array(shape[:-1]))), shape[-1]), dtype)
+        flat = ortho(key, (math.prod(shape[:-1]), shape[-1]), dtype)
         return flat.reshape(shape)
 
     return init

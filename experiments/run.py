@@ -16,6 +16,10 @@ from pathlib import Path
 from dd_jax.errors import ConfigError, DDJaxError
 from experiments.configs import EXPERIMENTS
 
+# Fields that shape the checkpointed state or its random streams: fixed for a run's lifetime.
+RUN_IDENTITY = ("dataset", "data_dir", "train_subset", "model", "init_regime", "init_dist",
+                "init_gain", "steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
+                "seed", "step_size_init")
 USAGE = "usage: python -m experiments.run NAME [--field=value ...] [--resume] [--quiet] | --list"
 
 
@@ -78,6 +82,13 @@ def resolve_config(name: str, overrides: dict[str, str], resume: bool):
         stored = json.loads(saved.read_text())
         stored.pop("experiment", None)
         config.update(stored)
+        for field in RUN_IDENTITY:
+            if field in overrides and parse_value(field, overrides[field], config[field]) != config[field]:
+                raise ConfigError(
+                    f"--{field} cannot change on --resume (the run in {workdir} has "
+                    f"{field}={stored.get(field)!r}); drop the flag, or start a new run with "
+                    "--output_dir=DIR"
+                )
     config = apply_overrides(config, overrides)
     return config, Path(config.output_dir or workdir)
 

@@ -40,12 +40,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def xla_cache_dir() -> str:
-    """The session's persistent compilation cache (for subprocesses)."""
-    return _CACHE_DIR
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -74,8 +68,6 @@ MNIST_GZ = {
 def _first_flip_position(raw: bytes, exc_type: type) -> int:
     """The first byte of the deflate payload whose inversion makes gzip.decompress raise
     exactly `exc_type` (deterministic for a given file)."""
-    import zlib  # noqa: F401  (zlib.error is one of the candidates)
-
     for pos in range(20, len(raw) - 8):
         b = bytearray(raw)
         b[pos] ^= 0xFF

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import socket
-import zlib
 
 import numpy as np
 import pytest
@@ -79,11 +78,7 @@ def test_copy_loads(mnist_copy, mnist):
         "regzip",  # valid gzip, one byte of the data changed: SHA-256 mismatch
         "crc",  # a flipped byte in the compressed stream that gzip reports as a CRC error
         "truncate",
-        pytest.param("deflate", marks=pytest.mark.xfail(
-            strict=True, raises=zlib.error,
-            reason="dd_jax/data.py:82 _read_checked catches (OSError, EOFError) only; a flipped "
-                   "byte that makes the deflate stream invalid raises zlib.error (not an OSError), "
-                   "which escapes as a raw exception instead of DataError")),
+        "deflate",  # a flipped byte that makes the deflate stream itself invalid (zlib.error)
     ],
 )
 @pytest.mark.parametrize("which", ["train_labels", "test_images"])
@@ -121,9 +116,6 @@ def test_missing_checksums_raise_data_error(mnist_copy):
         load_mnist(mnist_copy)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "dd_jax/data.py:113-122 load_mnist indexes sums[fname]: a SHA256SUMS without a file's line "
-    "raises KeyError (a malformed line raises ValueError), not DataError"))
 def test_incomplete_checksums_raise_data_error(mnist_copy):
     sums = mnist_copy / "SHA256SUMS"
     lines = [l for l in sums.read_text().splitlines() if "t10k-labels" not in l]
@@ -132,9 +124,6 @@ def test_incomplete_checksums_raise_data_error(mnist_copy):
         load_mnist(mnist_copy)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "dd_jax/data.py:108 load_mnist(directory=MNIST_DIR) binds the default when the module is "
-    "imported, so load_dataset('mnist') ignores a changed dd_jax.data.MNIST_DIR"))
 def test_load_dataset_honours_mnist_dir(mnist_copy, monkeypatch):
     corrupt_mnist_file(mnist_copy, "regzip", MNIST_GZ["train_labels"])
     monkeypatch.setattr(data, "MNIST_DIR", mnist_copy)
@@ -182,9 +171,6 @@ def test_parse_idx_rejects_wrong_size():
         parse_idx(_idx((2, 3), bytes(7)))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "dd_jax/data.py:102 parse_idx does not check that the header fits: a file cut inside its "
-    "dimension list makes np.frombuffer raise ValueError instead of DataError"))
 def test_parse_idx_rejects_truncated_header():
     with pytest.raises(DataError):
         parse_idx(b"\x00\x00\x08\x03\x00\x00")
@@ -272,11 +258,8 @@ def test_unknown_tfds_name_raises_helpful_data_error(no_network, tmp_path):
     assert "'mnist'" in msg and "'digits'" in msg  # and the offline alternatives
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "dd_jax/data.py:170 calls tfds.data_source(name, data_dir=...) with tfds' default "
-    "download=True: a catalog dataset that is not prepared is downloaded and prepared (needs "
-    "network) instead of failing fast as the module docstring ('already prepared') says"))
 def test_tfds_never_asked_to_download(monkeypatch, no_network):
+    """A catalog dataset that is not prepared fails fast: nothing is downloaded."""
     tfds = pytest.importorskip("tensorflow_datasets")
     calls = []
 

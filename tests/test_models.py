@@ -9,6 +9,7 @@ import pytest
 from conftest import make_tiny_mlp
 from dd_jax.errors import ConfigError
 from dd_jax.inner import cross_entropy
+from dd_jax import models
 from dd_jax.models import MODELS, Im2colConv, LeNet, Model, as_model, get_model
 
 
@@ -74,6 +75,28 @@ def test_im2col_conv_matches_flax_conv_with_padding():
     ya, yb = jax.jit(lambda p: (a.apply(p, x), b.apply(p, x)))(p)
     assert ya.shape == (2, 7, 7, 4)
     np.testing.assert_allclose(np.asarray(ya), np.asarray(yb), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(models, "max_pool_2x2"), reason="no max_pool_2x2 in this version")
+def test_max_pool_2x2_equals_flax_max_pool():
+    """LeNet's pooling (shared by both conv variants, so the test above cannot see it)."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 10, 8, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32)
+
+    @jax.jit
+    def both(x):
+        ours = lambda x: models.max_pool_2x2(x)
+        ref = lambda x: nn.max_pool(x, (2, 2), (2, 2))
+        return ours(x), ref(x), jax.grad(lambda x: jnp.sum(w * ours(x)))(x), \
+            jax.grad(lambda x: jnp.sum(w * ref(x)))(x)
+
+    y1, y2, g1, g2 = both(x)
+    assert y1.shape == (2, 5, 4, 3)
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-6, atol=1e-6)
 
 
 def test_lenet_rejects_unknown_conv():

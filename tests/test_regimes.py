@@ -69,14 +69,12 @@ EXPECTED_STD = {
 
 @pytest.fixture(scope="module")
 def big_samples():
-    """{(dist, gain): params} for a large dense and a large conv kernel (eager: see the jit test)."""
+    """{(dist, gain): params} for a large dense and a large conv kernel, drawn under jit."""
     model = shapes_model(dense=DENSE, conv=CONV)
-    cases = [(d, 1.0) for d in INIT_DISTRIBUTIONS if d != "orthogonal"] + [("xavier_normal", 2.0)]
-    # one compilation for all of them; orthogonal only works eagerly (see the xfail below)
+    cases = [(d, 1.0) for d in INIT_DISTRIBUTIONS] + [("xavier_normal", 2.0)]
+    # one compilation for all of them
     draw = jax.jit(lambda key: [sample_init(key, model, X1, d, g) for d, g in cases])
-    samples = dict(zip(cases, draw(jax.random.PRNGKey(3))))
-    samples[("orthogonal", 1.0)] = sample_init(jax.random.PRNGKey(3), model, X1, "orthogonal")
-    return samples
+    return dict(zip(cases, draw(jax.random.PRNGKey(3))))
 
 
 @pytest.mark.parametrize("layer", ["dense", "conv"])
@@ -110,6 +108,9 @@ def test_orthogonal_columns_are_orthonormal(big_samples, layer):
     w = np.asarray(big_samples[("orthogonal", 1.0)][layer]["kernel"], np.float64)
     flat = w.reshape(-1, w.shape[-1])  # PyTorch flattens all but the output dimension
     np.testing.assert_allclose(flat.T @ flat, np.eye(w.shape[-1]), atol=1e-4)
+    # and the eager path draws the same
+    eager = sample_init(jax.random.PRNGKey(3), shapes_model(dense=DENSE, conv=CONV), X1, "orthogonal")
+    np.testing.assert_allclose(np.asarray(eager[layer]["kernel"]), w, atol=1e-5)
 
 
 @pytest.mark.parametrize("dist", [*INIT_DISTRIBUTIONS, "model"])
@@ -139,13 +140,6 @@ def test_sample_init_deterministic_per_key():
     assert not np.allclose(np.asarray(a["dense"]["kernel"]), np.asarray(c["dense"]["kernel"]))
 
 
-_ORTHO_JIT_BUG = (
-    "dd_jax/regimes.py:36 _orthogonal calls int(jnp.prod(jnp.array(shape[:-1]))), which is a "
-    "traced value under jax.jit -> ConcretizationTypeError; the random regime's train_inits runs "
-    "inside the jitted meta-step, so --init_regime=random --init_dist=orthogonal crashes"
-)
-
-
 def _random_regime_inits(model, dists, n_nets=2):
     regimes = [make_regime("random", jax.random.PRNGKey(0), model, X1, n_nets=n_nets, dist=d)
                for d in dists]
@@ -153,8 +147,9 @@ def _random_regime_inits(model, dists, n_nets=2):
     return jax.jit(lambda it: [r.train_inits(it) for r in regimes])(jnp.asarray(3, jnp.int32))
 
 
-def test_every_distribution_works_in_random_regime_under_jit(mlp, flax_mlp):
-    dists = [d for d in INIT_DISTRIBUTIONS if d != "orthogonal"] + ["model"]
+def test_every_distribution_works_in_random_regime_under_jit(mlp):
+    """The random regime's train_inits runs inside the jitted meta-step, for every name."""
+    dists = [*INIT_DISTRIBUTIONS, "model"]
     for dist, inits in zip(dists, _random_regime_inits(mlp, dists)):
         assert jax.tree.structure(inits) == jax.tree.structure(mlp.init(None, X1)), dist
         k = np.asarray(inits["fc1"]["kernel"])
@@ -162,6 +157,8 @@ def test_every_distribution_works_in_random_regime_under_jit(mlp, flax_mlp):
         if dist != "model":  # (this model's own init is all zeros)
             assert not np.allclose(k[0], k[1]), dist
             np.testing.assert_array_equal(np.asarray(inits["fc1"]["bias"]), 0.0)
+        if dist == "orthogonal":
+            np.testing.assert_allclose(k[0].T @ k[0], np.eye(6), atol=1e-5)
 
 
 def test_random_regime_with_flax_module(flax_mlp):
@@ -174,13 +171,6 @@ def test_random_regime_with_flax_module(flax_mlp):
     out = logits(jnp.asarray(3, jnp.int32))
     assert out.shape == (2, 3, 10) and bool(jnp.all(jnp.isfinite(out)))
     assert not np.allclose(np.asarray(out[0]), np.asarray(out[1]))
-
-
-@pytest.mark.xfail(strict=True, raises=jax.errors.ConcretizationTypeError, reason=_ORTHO_JIT_BUG)
-def test_orthogonal_works_in_random_regime_under_jit(mlp):
-    (inits,) = _random_regime_inits(mlp, ["orthogonal"])
-    flat = np.asarray(inits["fc1"]["kernel"][0])
-    np.testing.assert_allclose(flat.T @ flat, np.eye(6), atol=1e-5)
 
 
 def test_unknown_distribution():
@@ -265,107 +255,6 @@ def test_random_regime(mlp):
     # eagerly, with a Python int iteration, the same draws (up to float rounding)
     for a, b in zip(jax.tree.leaves(regime.train_inits(1)), jax.tree.leaves(batches[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def test_random_regime_with_flax_module(flax_mlp):
-    regime = make_regime("random", jax.random.PRNGKey(0), flax_mlp, X1, n_nets=2)
-
-    @jax.jit
-    def logits(it):
-        return jax.vmap(lambda p: flax_mlp.apply(p, jnp.ones((3, 4, 4, 1))))(regime.train_inits(it))
-
-    out = logits(jnp.asarray(3, jnp.int32))
-    assert out.shape == (2, 3, 10) and bool(jnp.all(jnp.isfinite(out)))
-    assert not np.allclose(np.asarray(out[0]), np.asarray(out[1]))
-
-
-@pytest.mark.xfail(strict=True, raises=jax.errors.ConcretizationTypeError, reason=_ORTHO_JIT_BUG)
-def test_orthogonal_works_in_random_regime_under_jit(mlp):
-    (inits,) = _random_regime_inits(mlp, ["orthogonal"])
-    flat = np.asarray(inits["fc1"]["kernel"][0])
-    np.testing.assert_allclose(flat.T @ flat, np.eye(6), atol=1e-5)
-
-
-def test_unknown_distribution():
-    with pytest.raises(ConfigError, match="unknown init distribution 'glorot'") as e:
-        sample_init(jax.random.PRNGKey(0), shapes_model(dense=(3, 2)), X1, "glorot")
-    for name in INIT_DISTRIBUTIONS:
-        assert name in str(e.value)
-    with pytest.raises(ConfigError):
-        make_regime("fixed", jax.random.PRNGKey(0), shapes_model(dense=(3, 2)), X1, dist="glorot")
-
-
-# --------------------------------------------------------------------------- regimes
-
-
-def test_fixed_regime_same_params_everywhere(mlp):
-    key = jax.random.PRNGKey(0)
-    regime = make_regime("fixed", key, mlp, X1)
-    assert regime.name == "fixed" and regime.fixed_params is not None
-    theta0 = regime.fixed_params
-    train = jax.jit(regime.train_inits)  # as the meta-step calls it
-    for it in (0, 1, 7):
-        inits = train(jnp.asarray(it, jnp.int32))
-        assert jax.tree.leaves(inits)[0].shape[0] == 1
-        assert _leaves_equal(_net(inits, 0), theta0)
-    evals = _evals(regime, 3)
-    assert jax.tree.leaves(evals)[0].shape[0] == 3
-    for i in range(3):
-        assert _leaves_equal(_net(evals, i), theta0)
-    # deterministic in the key; another key gives another theta0
-    assert _leaves_equal(make_regime("fixed", key, mlp, X1).fixed_params, theta0)
-    other = make_regime("fixed", jax.random.PRNGKey(1), mlp, X1).fixed_params
-    assert not _leaves_equal(other, theta0)
-    # xavier weights, zero biases
-    assert float(jnp.std(theta0["fc1"]["kernel"])) > 0
-    np.testing.assert_array_equal(np.asarray(theta0["fc1"]["bias"]), 0.0)
-
-
-def test_fixed_regime_with_flax_module(flax_mlp):
-    regime = make_regime("fixed", jax.random.PRNGKey(0), flax_mlp, X1)
-    theta0 = regime.fixed_params
-    assert set(theta0) == {"fc1", "fc2"}
-    assert theta0["fc1"]["kernel"].shape == (16, 6)
-    np.testing.assert_array_equal(np.asarray(theta0["fc2"]["bias"]), 0.0)
-    assert _leaves_equal(_net(regime.train_inits(0), 0), theta0)
-
-
-def test_random_regime(mlp):
-    key = jax.random.PRNGKey(0)
-    regime = make_regime("random", key, mlp, X1, n_nets=3)
-    assert regime.name == "random" and regime.fixed_params is None
-    train = jax.jit(regime.train_inits)
-    batches = [train(jnp.asarray(it, jnp.int32)) for it in range(4)]
-    for b in batches:
-        assert jax.tree.leaves(b)[0].shape[0] == 3
-        # the nets of one iteration differ from each other
-        k = np.asarray(b["fc1"]["kernel"])
-        assert not np.allclose(k[0], k[1]) and not np.allclose(k[1], k[2])
-    # fresh draws every iteration
-    for i in range(4):
-        for j in range(i + 1, 4):
-            assert not np.allclose(np.asarray(batches[i]["fc1"]["kernel"]),
-                                   np.asarray(batches[j]["fc1"]["kernel"]))
-    # deterministic: the same key (a resumed run) draws the same inits, jitted or not
-    again = make_regime("random", key, mlp, X1, n_nets=3)
-    assert _leaves_equal(jax.jit(again.train_inits)(jnp.asarray(2, jnp.int32)), batches[2])
-    # (eagerly, with a Python int, up to float rounding)
-    for a, b in zip(jax.tree.leaves(again.train_inits(2)), jax.tree.leaves(batches[2])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    # held-out evaluation nets: deterministic, and none equals any training net
-    evals = _evals(regime, 4)
-    assert jax.tree.leaves(evals)[0].shape[0] == 4
-    assert _leaves_equal(_evals(again, 4), evals)
-    ek = np.asarray(evals["fc1"]["kernel"])
-    for b in batches:
-        tk = np.asarray(b["fc1"]["kernel"])
-        for e in ek:
-            for t in tk:
-                assert not np.allclose(e, t)
-    # another seed, other draws
-    other = make_regime("random", jax.random.PRNGKey(1), mlp, X1, n_nets=3)
-    assert not np.allclose(np.asarray(jax.jit(other.train_inits)(jnp.asarray(0))["fc1"]["kernel"]),
-                           np.asarray(batches[0]["fc1"]["kernel"]))
 
 
 def test_sample_inits_stacks_independent_draws(mlp):

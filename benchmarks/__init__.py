@@ -1,0 +1,1 @@
+"""Benchmarks whose printed figures the README and issue notes quote (not tests)."""

@@ -1,0 +1,436 @@
+"""`python -m experiments.run`: outputs, kill-and-resume, and bad input handled as one-line errors."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dd_jax
+import dd_jax.outer
+from conftest import MNIST_GZ, ROOT, corrupt_mnist_file
+from dd_jax import data
+from dd_jax.checkpoint import checkpoint_meta
+from dd_jax.models import get_model
+from experiments import run as cli
+from experiments.configs import EXPERIMENTS
+
+N = 6  # iterations of the reference run
+TINY = ["mnist_fixed_init", "--dataset=digits", f"--iterations={N}", "--eval_every=3",
+        "--checkpoint_every=2", "--log_every=1", "--real_batch_size=64", "--n_eval_nets=2",
+        "--quiet"]
+OUTPUTS = {"config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png",
+           "results.json"}
+
+
+def call_main(args) -> tuple[int, str, str]:
+    """main(args) -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
+    assert rc == 2  # README: "ends with one `error: ...` line ... and exit status 2"
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), lines[0]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def metrics(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+
+
+def distilled_arrays(directory: Path) -> dict[str, np.ndarray]:
+    with np.load(directory / "distilled.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Run A: the tiny experiment, uninterrupted."""
+    out = tmp_path_factory.mktemp("cli") / "A"
+    rc, stdout, stderr = call_main([*TINY, f"--output_dir={out}"])
+    assert rc == 0, stderr
+    return out, stdout
+
+
+@pytest.fixture
+def reference_copy(reference, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(reference[0], dst)
+    return dst
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+def test_run_writes_all_outputs(reference):
+    out, stdout = reference
+    assert {p.name for p in out.iterdir()} == OUTPUTS  # and no stray temporary files
+    assert "mnist_fixed_init: test accuracy" in stdout and str(out) in stdout
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["experiment"] == "mnist_fixed_init"
+    assert config["dataset"] == "digits" and config["iterations"] == N
+    assert config["real_batch_size"] == 64 and config["output_dir"] == str(out)
+    assert set(EXPERIMENTS["mnist_fixed_init"]().keys()) <= set(config)
+
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == list(range(1, N + 1))
+    for r in rows:
+        assert np.isfinite(r["meta_loss"]) and r["seconds"] > 0
+        assert len(r["step_sizes"]) == 3 and all(s > 0 for s in r["step_sizes"])
+    assert [r["iteration"] for r in rows if "test_acc" in r] == [3, 6]
+    seconds = [r["seconds"] for r in rows]
+    assert seconds == sorted(seconds)
+
+    assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+
+    png = (out / "distilled.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out / "distilled.png")
+    assert img.ndim == 3 and img.shape[0] > 20 and img.shape[1] > 100
+
+
+def test_results_reproducible_from_distilled_npz(reference):
+    out, _ = reference
+    results = json.loads((out / "results.json").read_text())
+    assert results["experiment"] == "mnist_fixed_init" and results["dataset"] == "digits"
+    assert results["images"] == 10 and results["steps"] == 1 and results["epochs"] == 3
+    assert results["test_examples"] == 300
+    assert results["eval_nets"] == 1  # fixed regime: the one theta_0
+    assert 0 <= results["test_acc"] <= 1 and 0 <= results["untrained_acc"] <= 1
+    assert results["distill_seconds"] > 0
+
+    d = dd_jax.load_distilled(out / "distilled.npz")
+    assert d.images.shape == (1, 10, 28, 28, 1) and d.labels.shape == (1, 10)
+    assert d.init_regime == "fixed" and d.init_params is not None and d.seed == 0
+    np.testing.assert_allclose(d.step_sizes, results["step_sizes"], rtol=1e-6)
+    rows = metrics(out)
+    np.testing.assert_allclose(d.step_sizes, rows[-1]["step_sizes"], atol=1e-6)
+    assert results["test_acc"] == rows[-1]["test_acc"]
+
+    config = json.loads((out / "config.json").read_text())
+    again = dd_jax.evaluate(d, dd_jax.load_dataset("digits"),
+                            get_model(config["model"], 10, config["conv"]),
+                            n_nets=config["n_eval_nets"])
+    assert again["mean"] == results["test_acc"]
+    assert again["accuracies"] == results["test_accs"]
+    assert again["untrained"]["mean"] == results["untrained_acc"]
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_distilled_file_round_trip(tmp_path, fixed):
+    rng = np.random.default_rng(0)
+    init = {"conv1": {"kernel": rng.normal(size=(5, 5, 1, 6)).astype(np.float32),
+                      "bias": np.zeros(6, np.float32)},
+            "fc3": {"kernel": rng.normal(size=(84, 10)).astype(np.float32),
+                    "bias": np.zeros(10, np.float32)}}
+    d = dd_jax.DistilledData(
+        images=rng.normal(size=(2, 10, 28, 28, 1)).astype(np.float32),
+        labels=np.tile(np.arange(10, dtype=np.int32), (2, 1)),
+        step_sizes=np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], np.float32), epochs=3,
+        mean=(0.1307,), std=(0.3081,), init_regime="fixed" if fixed else "random",
+        init_dist="kaiming_uniform", init_gain=1.5, seed=17, init_params=init if fixed else None)
+    path = tmp_path / "d.npz"
+    dd_jax.save_distilled(path, d, model="lenet")
+    back = dd_jax.load_distilled(path)
+    np.testing.assert_array_equal(back.images, d.images)
+    np.testing.assert_array_equal(back.labels, d.labels)
+    np.testing.assert_array_equal(back.step_sizes, d.step_sizes)
+    assert (back.epochs, back.steps, back.seed) == (3, 2, 17)
+    assert (back.init_regime, back.init_dist, back.init_gain) == (d.init_regime, "kaiming_uniform", 1.5)
+    np.testing.assert_allclose(back.mean, d.mean)
+    np.testing.assert_allclose(back.std, d.std)
+    if fixed:
+        assert set(back.init_params) == {"conv1", "fc3"}
+        for layer in init:
+            for name in init[layer]:
+                np.testing.assert_array_equal(back.init_params[layer][name], init[layer][name])
+    else:
+        assert back.init_params is None
+    assert [p.name for p in tmp_path.iterdir()] == ["d.npz"]  # no temporary file left
+
+
+def test_load_distilled_rejects_other_files(tmp_path):
+    np.savez(tmp_path / "other.npz", images=np.zeros(3))
+    with pytest.raises(dd_jax.DataError, match="not a dd_jax distilled-data file"):
+        dd_jax.load_distilled(tmp_path / "other.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(dd_jax.DataError, match="cannot read"):
+        dd_jax.load_distilled(tmp_path / "junk.npz")
+    with pytest.raises(dd_jax.DataError):
+        dd_jax.load_distilled(tmp_path / "absent.npz")
+
+
+def test_list(capsys):
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in EXPERIMENTS:
+        assert name in out
+    assert len([l for l in out.splitlines() if l.strip()]) == len(EXPERIMENTS)
+
+
+def test_help(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "python -m experiments.run" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+
+def _interrupt_meta_step(monkeypatch, after_calls: int):
+    """The meta-step raises KeyboardInterrupt on call after_calls + 1, as Ctrl-C would."""
+    real = dd_jax.outer.make_meta_step
+
+    def patched(*args, **kwargs):
+        step = real(*args, **kwargs)
+        calls = [0]
+
+        def interrupted(*a, **k):
+            calls[0] += 1
+            if calls[0] > after_calls:
+                raise KeyboardInterrupt
+            return step(*a, **k)
+
+        return interrupted
+
+    monkeypatch.setattr(dd_jax.outer, "make_meta_step", patched)
+
+
+@pytest.mark.parametrize("how", ["killed", "shorter_run"])
+def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, how):
+    a, _ = reference
+    b = tmp_path / "B"
+    if how == "killed":
+        # iterations 1-5 done (rows logged up to 5), last checkpoint at 4, killed in 6
+        with monkeypatch.context() as m:
+            _interrupt_meta_step(m, after_calls=5)
+            rc, _, err = call_main([*TINY, f"--output_dir={b}"])
+        assert rc == 130
+        assert "Traceback" not in err and "--resume" in err
+        assert checkpoint_meta(b / "checkpoint.npz")["iteration"] == 4
+        assert [r["iteration"] for r in metrics(b)] == [1, 2, 3, 4, 5]
+        assert not (b / "results.json").exists()
+        # resume with no flags but the directory: the saved config.json supplies the rest
+        resume = ["mnist_fixed_init", f"--output_dir={b}", "--resume", "--quiet"]
+    else:
+        rc, _, err = call_main([*TINY, "--iterations=3", f"--output_dir={b}"])
+        assert rc == 0, err
+        resume = [*TINY, f"--output_dir={b}", "--resume"]
+    rc, _, err = call_main(resume)
+    assert rc == 0, err
+
+    da, db = distilled_arrays(a), distilled_arrays(b)
+    assert set(da) == set(db)
+    for k in da:
+        np.testing.assert_array_equal(db[k], da[k], err_msg=k)
+    ra = json.loads((a / "results.json").read_text())
+    rb = json.loads((b / "results.json").read_text())
+    assert rb["test_acc"] == ra["test_acc"] and rb["test_accs"] == ra["test_accs"]
+    assert rb["step_sizes"] == ra["step_sizes"]
+
+    rows_a, rows_b = metrics(a), metrics(b)
+    iterations = [r["iteration"] for r in rows_b]
+    assert iterations == list(range(1, N + 1))  # every iteration once, none duplicated
+    for x, y in zip(rows_a, rows_b):
+        assert x["meta_loss"] == y["meta_loss"], x["iteration"]
+        assert x["step_sizes"] == y["step_sizes"], x["iteration"]
+    assert checkpoint_meta(b / "checkpoint.npz")["iteration"] == N
+
+
+def test_interrupted_before_first_checkpoint_can_be_continued(tmp_path, monkeypatch):
+    out = tmp_path / "early"
+    with monkeypatch.context() as m:
+        _interrupt_meta_step(m, after_calls=1)  # killed in iteration 2, checkpoint_every=2
+        rc, _, err = call_main([*TINY, f"--output_dir={out}"])
+    assert rc == 130 and "--resume" in err
+    assert not (out / "checkpoint.npz").exists()
+    # follow the advice printed on interrupt; failing that, the plain command
+    rc_resume, _, err_resume = call_main([*TINY, f"--output_dir={out}", "--resume"])
+    if rc_resume != 0:
+        rc_plain, _, err_plain = call_main([*TINY, f"--output_dir={out}"])
+        assert rc_plain == 0, (err_resume, err_plain)
+    assert (out / "results.json").exists()
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def test_divergence_keeps_the_last_checkpoint(reference_copy):
+    """Continue the finished reference run with an absurd outer step size: the meta-loss
+    becomes non-finite; the error is one line and the earlier checkpoint and outputs survive."""
+    out = reference_copy
+    before = snapshot(out)
+    rc, _, err = call_main([*TINY, "--iterations=10", "--outer_lr=1e30", f"--output_dir={out}",
+                            "--resume"])
+    line = assert_one_line_error(rc, err, "meta-loss became", "iteration 6")
+    assert "nan" in line or "inf" in line
+    after = snapshot(out)
+    for name in ("checkpoint.npz", "distilled.npz", "distilled.png", "results.json"):
+        assert after[name] == before[name], name
+    assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+    assert set(after) == set(before)  # no temporary files left behind
+
+
+@pytest.fixture
+def diverged_at_start(tmp_path):
+    out = tmp_path / "diverged"
+    rc, _, err = call_main([*TINY, "--step_size_init=1e30", f"--output_dir={out}"])
+    return out, rc, err
+
+
+def test_divergence_at_first_iteration(diverged_at_start):
+    out, rc, err = diverged_at_start
+    line = assert_one_line_error(rc, err, "meta-loss became", "at iteration 1", "--step_size_init")
+    assert "nan" in line or "inf" in line
+    for name in ("checkpoint.npz", "distilled.npz", "results.json"):
+        assert not (out / name).exists()
+
+
+def test_divergence_message_does_not_claim_a_missing_checkpoint(diverged_at_start):
+    out, rc, err = diverged_at_start
+    assert rc != 0 and not (out / "checkpoint.npz").exists()
+    assert "checkpoint (iteration 0) is kept" not in err
+
+
+# --------------------------------------------------------------------------- output directories
+
+
+def test_existing_output_dir_not_overwritten(reference_copy):
+    out = reference_copy
+    before = snapshot(out)
+    rc, _, err = call_main([*TINY, f"--output_dir={out}"])
+    assert_one_line_error(rc, err, str(out), "already holds a run", "--resume")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_resume_without_a_run(tmp_path, exists):
+    out = tmp_path / "empty"
+    if exists:
+        out.mkdir()
+    rc, _, err = call_main([*TINY, f"--output_dir={out}", "--resume"])
+    assert_one_line_error(rc, err, "nothing to resume", "drop --resume")
+    if exists:
+        assert list(out.iterdir()) == []
+    else:
+        assert not out.exists()
+
+
+def test_failed_resume_keeps_the_run_resumable(reference_copy):
+    """A --resume with a flag that changes the checkpointed state's shape is refused, and the
+    refusal leaves the run as it was: the plain --resume still works."""
+    out = reference_copy
+    before = snapshot(out)
+    rc, _, err = call_main(["mnist_fixed_init", "--steps=2", f"--output_dir={out}", "--resume",
+                            "--quiet"])
+    assert_one_line_error(rc, err, "steps")
+    after = snapshot(out)
+    for name in ("config.json", "checkpoint.npz", "distilled.npz", "results.json"):
+        assert after[name] == before[name], name
+    rc, _, err = call_main(["mnist_fixed_init", f"--output_dir={out}", "--resume", "--quiet"])
+    assert rc == 0, err
+    assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+BAD_INPUT = [
+    (["nope"], ["unknown experiment 'nope'", *EXPERIMENTS]),
+    ([], ["no experiment named", *EXPERIMENTS]),
+    (["mnist_fixed_init", "--stepz=2"], ["--stepz", "did you mean --steps"]),
+    (["mnist_fixed_init", "--steps=abc"], ["--steps='abc'", "int"]),
+    (["mnist_fixed_init", "--outer_lr=fast"], ["--outer_lr='fast'", "float"]),
+    (["mnist_fixed_init", "--remat=maybe"], ["--remat='maybe'", "bool"]),
+    (["mnist_fixed_init", "--steps"], ["--steps", "needs a value"]),
+    (["mnist_fixed_init", "extra"], ["unexpected argument 'extra'"]),
+    (["mnist_fixed_init", "--n_nets=0"], ["n_nets must be >= 1, got 0"]),
+    (["mnist_fixed_init", "--steps=0"], ["steps must be >= 1, got 0"]),
+    (["mnist_fixed_init", "--images_per_class=0"], ["images_per_class must be >= 1, got 0"]),
+    (["mnist_fixed_init", "--epochs=-1"], ["epochs must be >= 1"]),
+    (["mnist_fixed_init", "--real_batch_size=0"], ["real_batch_size must be >= 1"]),
+    (["mnist_fixed_init", "--outer_lr=0"], ["outer_lr must be > 0"]),
+    (["mnist_fixed_init", "--outer_lr=nan"], ["outer_lr must be > 0"]),
+    (["mnist_fixed_init", "--step_size_init=-0.1"], ["step_size_init must be > 0"]),
+    (["mnist_fixed_init", "--iterations=-1"], ["iterations must be >= 0"]),
+    (["mnist_fixed_init", "--n_nets=2"], ["n_nets must be 1", "--init_regime=random"]),
+    (["mnist_fixed_init", "--init_regime=sometimes"], ["unknown init_regime 'sometimes'"]),
+    (["mnist_random_init", "--init_dist=glorot"], ["unknown init_dist 'glorot'", "xavier_normal"]),
+]
+
+
+@pytest.mark.parametrize("args, fragments", BAD_INPUT,
+                         ids=[" ".join(a[1:] or a or ["<none>"]) for a, _ in BAD_INPUT])
+def test_bad_input_is_a_one_line_error(capsys, tmp_path, args, fragments):
+    out = tmp_path / "never"
+    argv = [*args, "--dataset=digits", f"--output_dir={out}", "--quiet"] if args else []
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert_one_line_error(rc, captured.err, *fragments)
+    assert captured.out == ""
+    assert not out.exists()  # refused before touching the output directory
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--model=resnet"], ["unknown model 'resnet'", "lenet"]),
+    (["--dataset=no_such_dataset_xyz"], ["'no_such_dataset_xyz'", "download_and_prepare"]),
+], ids=["model", "tfds-name"])
+def test_bad_model_or_dataset(capsys, tmp_path, args, fragments):
+    rc = cli.main(["mnist_fixed_init", *args, f"--data_dir={tmp_path / 'tfds'}",
+                   f"--output_dir={tmp_path / 'run'}", "--quiet"])
+    assert_one_line_error(rc, capsys.readouterr().err, *fragments)
+
+
+@pytest.fixture
+def corrupted_packaged_mnist(mnist_copy, monkeypatch):
+    """Points the packaged-MNIST location at a copy (to be damaged by the test)."""
+    monkeypatch.setattr(data, "MNIST_DIR", mnist_copy)
+    return mnist_copy
+
+
+@pytest.mark.parametrize("how, fragment", [
+    ("regzip", "corrupted"),
+    ("crc", "corrupted"),
+    ("truncate", "corrupted"),
+    ("missing", "missing"),
+    ("deflate", "corrupted"),
+])
+def test_corrupted_dataset(capsys, tmp_path, corrupted_packaged_mnist, how, fragment):
+    corrupt_mnist_file(corrupted_packaged_mnist, how, MNIST_GZ["train_labels"])
+    out = tmp_path / "run"
+    rc = cli.main(["mnist_fixed_init", "--dataset=mnist", f"--output_dir={out}", "--quiet"])
+    assert_one_line_error(rc, capsys.readouterr().err, fragment, MNIST_GZ["train_labels"])
+    assert not out.exists()
+
+
+def test_subprocess_bad_experiment():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "experiments.run", "nope"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert_one_line_error(proc.returncode, proc.stderr, "unknown experiment 'nope'")
+    assert proc.stdout == ""

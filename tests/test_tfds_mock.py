@@ -1,0 +1,19 @@
+"""tensorflow-datasets loading, on tfds' own mock data (no download, no TensorFlow needed)."""
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from dd_jax.data import load_dataset  # noqa: E402
+
+
+def test_prepared_tfds_dataset_loads_normalised():
+    with tfds.testing.mock_data(num_examples=12):
+        d = load_dataset("fashion_mnist")
+    assert d.train_x.shape == (12, 28, 28, 1) and d.test_x.shape == (12, 28, 28, 1)
+    assert d.train_x.dtype == np.float32 and d.train_y.dtype == np.int32
+    assert d.num_classes == 10
+    assert set(np.unique(d.train_y)) <= set(range(10))
+    # normalised with the training split's own statistics
+    np.testing.assert_allclose(d.train_x.mean(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(d.train_x.std(), 1.0, atol=1e-3)
