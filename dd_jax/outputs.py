@@ -92,7 +92,7 @@ def save_image_grid(path: str | Path, d: DistilledData, class_names: list[str] |
 
     steps, n = d.labels.shape
     pixels = np.clip(np.asarray(d.images) * np.asarray(d.std) + np.asarray(d.mean), 0, 1)
-    fig, axes = plt.subplots(steps, n, figsize=(n * 0.9, steps * 1.05), squeeze=False)
+    fig, axes = plt.subplots(steps, n, figsize=(n * 0.9 + 1.3, steps * 1.05 + 0.1), squeeze=False)
     for s in range(steps):
         etas = ", ".join(f"{d.step_sizes[s + e * steps]:.3g}" for e in range(d.epochs))
         for j in range(n):
@@ -102,7 +102,8 @@ def save_image_grid(path: str | Path, d: DistilledData, class_names: list[str] |
             ax.set_xticks([]), ax.set_yticks([])
             label = int(d.labels[s, j])
             ax.set_title(class_names[label] if class_names else str(label), fontsize=7, pad=2)
-        axes[s, 0].set_ylabel(f"step {s}\nlr {etas}", fontsize=6)
+        axes[s, 0].set_ylabel(f"step {s}\nlr {etas}".replace(", ", ",\n"), fontsize=6,
+                              rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -34,9 +34,8 @@ def parse_value(field: str, text: str, default):
             raise ValueError
         return type(default)(text)
     except ValueError:
-        raise ConfigError(
-            f"--{field}={text!r}: expected a {type(default).__name__} (default {default!r})"
-        ) from None
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "text")
+        raise ConfigError(f"--{field}={text!r}: expected {kind} (default {default!r})") from None
 
 
 def apply_overrides(config, overrides: dict[str, str]):
