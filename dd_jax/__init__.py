@@ -3,6 +3,7 @@
 The data flow, one module per stage: data -> models -> regimes -> inner -> meta -> outer ->
 evaluation -> outputs; `experiment.run` strings them together.
 """
+from dd_jax.config import default_config
 from dd_jax.data import Dataset, load_dataset
 from dd_jax.errors import ConfigError, DataError, DDJaxError, DivergedError
 from dd_jax.evaluation import evaluate
@@ -15,7 +16,7 @@ from dd_jax.regimes import INIT_DISTRIBUTIONS, make_regime, sample_init, sample_
 
 __all__ = [
     "ConfigError", "DDJaxError", "DataError", "Dataset", "DistilledData", "DivergedError",
-    "INIT_DISTRIBUTIONS", "LeNet", "Learned", "Model", "as_model", "distill", "evaluate",
+    "INIT_DISTRIBUTIONS", "LeNet", "Learned", "Model", "as_model", "default_config", "distill", "evaluate",
     "inner_train", "load_dataset", "load_distilled", "make_regime", "meta_loss", "sample_init",
     "sample_inits", "save_distilled",
 ]

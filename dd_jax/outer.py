@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from dd_jax.checkpoint import restore_checkpoint, save_checkpoint
+from dd_jax.config import default_config
 from dd_jax.data import Dataset
 from dd_jax.errors import ConfigError, DivergedError
 from dd_jax.evaluation import Evaluator, summarise
@@ -185,15 +186,18 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
 
 
 def distill(
-    dataset: Dataset, model_fn, config, *, workdir: str | Path | None = None,
+    dataset: Dataset, model_fn, config=None, *, workdir: str | Path | None = None,
     resume: bool = False, progress: bool = True, log: Callable[[dict], None] | None = None,
+    **overrides,
 ) -> DistilledData:
     """Learns distilled images and step sizes for `dataset` and `model_fn` (see models.as_model).
 
-    config: a ConfigDict as in experiments/configs.py. With `workdir`, checkpoints go there every
-    `checkpoint_every` iterations and ``resume=True`` continues from the last one. `log` receives
-    one dict per logged iteration (loss, step sizes, seconds, and accuracy when evaluated).
+    config: a ConfigDict (default `dd_jax.config.default_config()`); keyword `overrides` replace
+    its fields, e.g. ``distill(ds, LeNet(), steps=10, passes=20)``. With `workdir`, checkpoints
+    go there every `checkpoint_every` iterations and ``resume=True`` continues from the last one.
+    `log` receives one dict per logged iteration (loss, step sizes, seconds, test accuracy).
     """
+    config = _with_overrides(config, overrides)
     loop = build_outer_loop(dataset, model_fn, config)
     model, regime, labels, batches, total, state = (
         loop.model, loop.regime, loop.labels, loop.batches, loop.total, loop.state)
@@ -256,6 +260,16 @@ def distill(
         init_dist=config.init_dist, init_gain=config.init_gain, seed=config.seed,
         init_params=None if regime.fixed_params is None else jax.tree.map(np.asarray, regime.fixed_params),
     )
+
+
+def _with_overrides(config, overrides: dict):
+    """A copy of `config` (default_config() if None) with `overrides` set; unknown names raise."""
+    config = default_config() if config is None else config.copy_and_resolve_references()
+    unknown = sorted(set(overrides) - set(config.keys()))
+    if unknown:
+        raise ConfigError(f"unknown config fields {unknown}; valid: {', '.join(config.keys())}")
+    config.update(overrides)
+    return config
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -8,63 +8,24 @@ from typing import Callable
 
 import ml_collections
 
-
-def base() -> ml_collections.ConfigDict:
-    """The authors' defaults (MNIST, LeNet, fixed init, S=1 step x E=3 epochs, 1 image/class)."""
-    c = ml_collections.ConfigDict()
-    # data and model
-    c.dataset = "mnist"  # 'mnist', 'digits' or a prepared tensorflow-datasets name
-    c.data_dir = ""  # tfds data_dir ('' = tfds default)
-    c.train_subset = 0  # use the first N training images (0 = all)
-    c.test_subset = 0  # evaluate on the first N test images (0 = the full test set)
-    c.model = "lenet"
-    c.conv = "im2col"  # 'im2col' (fast on CPU) or 'xla' (flax.linen.Conv); same function
-    # initialisation regime
-    c.init_regime = "fixed"  # 'fixed' or 'random'
-    c.init_dist = "xavier_normal"  # see dd_jax.INIT_DISTRIBUTIONS, or 'model'
-    c.init_gain = 1.0
-    # distilled data and inner loop
-    c.steps = 1
-    c.epochs = 3
-    c.images_per_class = 1
-    c.step_size_init = 0.02
-    c.remat = False
-    # outer loop
-    c.n_nets = 1
-    c.real_batch_size = 1024
-    c.passes = 400  # passes over the real training set
-    c.iterations = 0  # if > 0, overrides passes
-    c.outer_lr = 0.01
-    c.beta1 = 0.5
-    c.beta2 = 0.999
-    c.decay_passes = 40
-    c.decay_factor = 0.5
-    c.seed = 0
-    # evaluation, logging, checkpoints
-    c.n_eval_nets = 20  # held-out initialisations for the final random-regime evaluation
-    c.n_eval_nets_during = 4  # ... for the periodic evaluation while training
-    c.eval_every = 500
-    c.log_every = 10
-    c.checkpoint_every = 200
-    c.output_dir = ""  # '' = runs/<experiment name>
-    return c
+from dd_jax.config import default_config
 
 
 def mnist_fixed_init() -> ml_collections.ConfigDict:
     """Paper Fig. 2a: 10 MNIST images (S=1, E=3), one fixed LeNet init (12.90% -> 93.76%)."""
-    return base()
+    return default_config()
 
 
 def mnist_fixed_init_100() -> ml_collections.ConfigDict:
     """100 MNIST images (S=10, E=3), fixed init (paper 96.6%, unconfirmed)."""
-    c = base()
+    c = default_config()
     c.steps = 10
     return c
 
 
 def mnist_random_init() -> ml_collections.ConfigDict:
     """100 MNIST images (S=10, E=3) for random Xavier inits (paper 79.5% +- 8.1)."""
-    c = base()
+    c = default_config()
     c.steps = 10
     c.init_regime = "random"
     c.n_nets = 4

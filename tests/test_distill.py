@@ -9,17 +9,17 @@ import pytest
 import dd_jax
 from dd_jax.evaluation import Evaluator
 from dd_jax.models import LeNet, as_model
-from experiments.configs import base
+from dd_jax.config import default_config
 
 ITERATIONS = 300
 STEP_SIZE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def small_config(**overrides):
-    """base() (the paper's MNIST fixed-init setting: S=1, E=3, 1 image/class) made short.
+    """default_config() (the paper's MNIST fixed-init setting: S=1, E=3, 1 image/class) made short.
     real_batch_size=64 and outer_lr=0.01 are also what tests/test_cli.py uses, so the compiled
     meta-step is shared through the compilation cache."""
-    c = base()
+    c = default_config()
     c.update(dict(dataset="digits", iterations=ITERATIONS, real_batch_size=64, outer_lr=0.01,
                   eval_every=10**6, log_every=10, checkpoint_every=10**6))
     c.update(overrides)
