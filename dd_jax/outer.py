@@ -214,44 +214,42 @@ def distill(
     def evaluate_now(learned: Learned) -> dict:
         return summarise(evaluator(eval_inits, learned.images, labels, learned.step_sizes))
 
-    bar = _progress(total, start_it, progress)
-    postfix: dict[str, str] = {}
-    last_saved = start_it
-    t0 = time.perf_counter() - elapsed
-    for it in range(start_it, total):
-        state, loss = loop.step(state, it)
-        loss = float(loss)
-        if not math.isfinite(loss):
-            bar.close()
-            raise DivergedError(
-                f"meta-loss became {loss} at iteration {it + 1}; "
-                + (f"the last checkpoint (iteration {last_saved}) is kept. "
-                   if ckpt is not None and ckpt.exists() else "no checkpoint had been saved. ")
-                + f"Lower --outer_lr (now {config.outer_lr}) or --step_size_init "
-                f"(now {config.step_size_init}) and start again."
-            )
-        done = it + 1
-        row = None
-        if done % config.log_every == 0 or done == total:
-            row = {"iteration": done, "pass": done / batches.per_pass, "meta_loss": loss,
-                   "seconds": time.perf_counter() - t0,
-                   "step_sizes": np.asarray(state.learned.step_sizes).round(6).tolist()}
-        if done % config.eval_every == 0 or done == total:
-            acc = evaluate_now(state.learned)
-            row = {**(row or {"iteration": done, "meta_loss": loss}),
-                   "test_acc": acc["mean"], "test_acc_std": acc["std"], "eval_nets": acc["n_nets"],
-                   "seconds": time.perf_counter() - t0}
-            postfix["acc"] = f"{acc['mean']:.4f}"
-        if row is not None and log is not None:
-            log(row)
-        if ckpt is not None and (done % config.checkpoint_every == 0 or done == total):
-            save_checkpoint(ckpt, state, {"iteration": done, "seconds": time.perf_counter() - t0})
-            last_saved = done
-        if done % 10 == 0 or done == total:
-            postfix["loss"] = f"{loss:.3f}"
-            bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-    bar.close()
+    with _progress(total, start_it, progress) as bar:
+        postfix: dict[str, str] = {}
+        last_saved = start_it
+        t0 = time.perf_counter() - elapsed
+        for it in range(start_it, total):
+            state, loss = loop.step(state, it)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise DivergedError(
+                    f"meta-loss became {loss} at iteration {it + 1}; "
+                    + (f"the last checkpoint (iteration {last_saved}) is kept. "
+                       if ckpt is not None and ckpt.exists() else "no checkpoint had been saved. ")
+                    + f"Lower --outer_lr (now {config.outer_lr}) or --step_size_init "
+                    f"(now {config.step_size_init}) and start again."
+                )
+            done = it + 1
+            row = None
+            if done % config.log_every == 0 or done == total:
+                row = {"iteration": done, "pass": done / batches.per_pass, "meta_loss": loss,
+                       "seconds": time.perf_counter() - t0,
+                       "step_sizes": np.asarray(state.learned.step_sizes).round(6).tolist()}
+            if done % config.eval_every == 0 or done == total:
+                acc = evaluate_now(state.learned)
+                row = {**(row or {"iteration": done, "meta_loss": loss}),
+                       "test_acc": acc["mean"], "test_acc_std": acc["std"], "eval_nets": acc["n_nets"],
+                       "seconds": time.perf_counter() - t0}
+                postfix["acc"] = f"{acc['mean']:.4f}"
+            if row is not None and log is not None:
+                log(row)
+            if ckpt is not None and (done % config.checkpoint_every == 0 or done == total):
+                save_checkpoint(ckpt, state, {"iteration": done, "seconds": time.perf_counter() - t0})
+                last_saved = done
+            if done % 10 == 0 or done == total:
+                postfix["loss"] = f"{loss:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
     learned = state.learned
     return DistilledData(
         images=np.asarray(learned.images), labels=np.asarray(labels),
