@@ -14,8 +14,7 @@ import time
 import jax
 import numpy as np
 
-from dd_jax.data import load_dataset
-from dd_jax.models import get_model
+from dd_jax.experiment import load_data_and_model
 from dd_jax.outer import build_outer_loop
 from experiments.run import apply_overrides, parse_args
 from experiments.configs import EXPERIMENTS
@@ -23,8 +22,7 @@ from experiments.configs import EXPERIMENTS
 
 def time_outer_steps(config, iterations: int, warmup: int = 3) -> dict:
     """Median / quartiles of wall seconds per outer iteration (compile excluded)."""
-    dataset = load_dataset(config.dataset).subset(config.train_subset, config.test_subset)
-    loop = build_outer_loop(dataset, get_model(config.model, dataset.num_classes, config.conv), config)
+    loop = build_outer_loop(*load_data_and_model(config), config)
     state = loop.state
     times = []
     for it in range(warmup + iterations):

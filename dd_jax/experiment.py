@@ -9,10 +9,11 @@ import platform
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 
 from dd_jax.checkpoint import checkpoint_meta
-from dd_jax.data import load_dataset
+from dd_jax.data import Dataset, load_dataset
 from dd_jax.errors import ConfigError
 from dd_jax.evaluation import evaluate
 from dd_jax.models import get_model
@@ -39,14 +40,19 @@ def prepare_workdir(workdir: Path, resume: bool) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
 
 
+def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
+    """The config's dataset (subset as configured) and its model for that many classes."""
+    dataset = load_dataset(config.dataset, config.data_dir or None)
+    dataset = dataset.subset(config.train_subset, config.test_subset)
+    return dataset, get_model(config.model, dataset.num_classes, config.conv)
+
+
 def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
         progress: bool = True) -> dict:
     """Runs one experiment into `workdir` and returns what results.json holds."""
     workdir = Path(workdir)
     validate_config(config)
-    dataset = load_dataset(config.dataset, config.data_dir or None)
-    dataset = dataset.subset(config.train_subset, config.test_subset)
-    model = get_model(config.model, dataset.num_classes, config.conv)
+    dataset, model = load_data_and_model(config)
     prepare_workdir(workdir, resume)
     write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
 
