@@ -199,10 +199,9 @@ def distill(
     """
     config = _with_overrides(config, overrides)
     loop = build_outer_loop(dataset, model_fn, config)
-    model, regime, labels, batches, total, state = (
-        loop.model, loop.regime, loop.labels, loop.batches, loop.total, loop.state)
-    evaluator = Evaluator(model.apply, config.epochs, dataset.test_x, dataset.test_y)
-    eval_inits = regime.eval_inits(1 if config.init_regime == "fixed" else config.n_eval_nets_during)
+    labels, total, state = loop.labels, loop.total, loop.state
+    evaluator = Evaluator(loop.model.apply, config.epochs, dataset.test_x, dataset.test_y)
+    eval_inits = loop.regime.eval_inits(1 if config.init_regime == "fixed" else config.n_eval_nets_during)
 
     ckpt = Path(workdir) / CHECKPOINT if workdir is not None else None
     elapsed = 0.0
@@ -232,7 +231,7 @@ def distill(
             done = it + 1
             row = None
             if done % config.log_every == 0 or done == total:
-                row = {"iteration": done, "pass": done / batches.per_pass, "meta_loss": loss,
+                row = {"iteration": done, "pass": done / loop.batches.per_pass, "meta_loss": loss,
                        "seconds": time.perf_counter() - t0,
                        "step_sizes": np.asarray(state.learned.step_sizes).round(6).tolist()}
             if done % config.eval_every == 0 or done == total:
@@ -256,7 +255,8 @@ def distill(
         step_sizes=np.asarray(learned.step_sizes), epochs=config.epochs,
         mean=tuple(dataset.mean), std=tuple(dataset.std), init_regime=config.init_regime,
         init_dist=config.init_dist, init_gain=config.init_gain, seed=config.seed,
-        init_params=None if regime.fixed_params is None else jax.tree.map(np.asarray, regime.fixed_params),
+        init_params=None if loop.regime.fixed_params is None
+        else jax.tree.map(np.asarray, loop.regime.fixed_params),
     )
 
 
