@@ -48,5 +48,7 @@ def inner_train(
 
     if remat:
         step = jax.checkpoint(step)
-    params, _ = jax.lax.scan(step, params, (xs, ys, step_sizes))
+    # Unrolling a few steps per loop iteration lets XLA fuse across steps: the small
+    # distilled-batch steps are dominated by per-op overhead (T = 3: 20 ms -> 13 ms a meta-step).
+    params, _ = jax.lax.scan(step, params, (xs, ys, step_sizes), unroll=min(len(step_sizes), 8))
     return params

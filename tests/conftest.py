@@ -136,15 +136,15 @@ def make_tiny_mlp(hidden: int = 6, num_classes: int = 10):
 
 
 def make_tiny_convnet(num_classes: int = 10):
-    """A tiny smooth conv net: the library's im2col conv (3x3, 2 features), tanh, dense."""
+    """A tiny smooth conv net: the library's Toeplitz conv (3x3, 2 features), tanh, dense."""
     import flax.linen as nn
 
-    from dd_jax.models import Im2colConv
+    from dd_jax.models import ToeplitzConv
 
     class TinyConv(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.tanh(Im2colConv(2, (3, 3), 1, name="conv")(x))
+            x = nn.tanh(ToeplitzConv(2, (3, 3), 1, name="conv")(x))
             x = x.reshape(x.shape[0], -1)
             return nn.Dense(num_classes, name="fc")(x)
 

@@ -1,6 +1,7 @@
-"""LeNet's two convolution implementations, and how the library accepts a model."""
+"""LeNet's convolution paths against plain flax layers, and how the library accepts a model."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ from conftest import make_tiny_mlp
 from dd_jax.errors import ConfigError
 from dd_jax.inner import cross_entropy
 from dd_jax import models
-from dd_jax.models import MODELS, Im2colConv, LeNet, Model, as_model, get_model
+from dd_jax.models import MODELS, LeNet, Model, as_model, get_model
 
 
 def _assert_trees_close(a, b, rtol, atol):
@@ -20,38 +21,55 @@ def _assert_trees_close(a, b, rtol, atol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+class AuthorsLeNet(nn.Module):
+    """The reference: the authors' layer order with plain flax.linen layers
+    (conv, ReLU, max-pool; conv, ReLU, max-pool; fc120, fc84, fc10), same parameter names."""
+
+    @nn.compact
+    def __call__(self, x):
+        pad = 2 if x.shape[1] == 28 else 0
+        x = nn.max_pool(nn.relu(nn.Conv(6, (5, 5), padding=pad, name="conv1")(x)), (2, 2), (2, 2))
+        x = nn.max_pool(nn.relu(nn.Conv(16, (5, 5), padding=0, name="conv2")(x)), (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(120, name="fc1")(x))
+        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        return nn.Dense(10, name="fc3")(x)
+
+
+@pytest.mark.parametrize("conv", models.CONVS)
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 1), (32, 32, 3)], ids=lambda s: "x".join(map(str, s)))
-def test_lenet_im2col_equals_xla(shape):
+def test_lenet_equals_plain_flax_lenet(shape, conv):
+    """Both conv paths compute the authors' LeNet: same parameter tree, outputs and gradients."""
     rng = np.random.default_rng(sum(shape))
     x = jnp.asarray(rng.normal(size=(3, *shape)), jnp.float32)
     y = jnp.asarray([1, 7, 3], jnp.int32)
-    im2col, xla = LeNet(num_classes=10, conv="im2col"), LeNet(num_classes=10, conv="xla")
+    ours, ref = LeNet(num_classes=10, conv=conv), AuthorsLeNet()
 
     # same parameter tree (names, shapes, dtypes)
     key = jax.random.PRNGKey(0)
-    s_im2col = jax.eval_shape(im2col.init, key, x[:1])
-    s_xla = jax.eval_shape(xla.init, key, x[:1])
-    assert jax.tree.structure(s_im2col) == jax.tree.structure(s_xla)
-    for a, b in zip(jax.tree.leaves(s_im2col), jax.tree.leaves(s_xla)):
+    s_ours = jax.eval_shape(ours.init, key, x[:1])
+    s_ref = jax.eval_shape(ref.init, key, x[:1])
+    assert jax.tree.structure(s_ours) == jax.tree.structure(s_ref)
+    for a, b in zip(jax.tree.leaves(s_ours), jax.tree.leaves(s_ref)):
         assert (a.shape, a.dtype) == (b.shape, b.dtype)
-    assert set(s_im2col["params"]) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
-    assert s_im2col["params"]["conv1"]["kernel"].shape == (5, 5, shape[-1], 6)
-    assert s_im2col["params"]["fc1"]["kernel"].shape == (5 * 5 * 16, 120)
+    assert set(s_ours["params"]) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    assert s_ours["params"]["conv1"]["kernel"].shape == (5, 5, shape[-1], 6)
+    assert s_ours["params"]["fc1"]["kernel"].shape == (5 * 5 * 16, 120)
 
     # non-trivial parameters (random biases too, so the bias path is compared)
     params = jax.tree.map(
-        lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, jnp.float32), s_im2col)["params"]
+        lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, jnp.float32), s_ours)["params"]
 
     @jax.jit
     def outputs_and_grads(params):
         out = {}
-        for name, m in (("im2col", im2col), ("xla", xla)):
+        for name, m in (("ours", ours), ("ref", ref)):
             loss = lambda p: cross_entropy(m.apply({"params": p}, x), y)
             out[name] = (m.apply({"params": params}, x), jax.grad(loss)(params))
         return out
 
     out = outputs_and_grads(params)
-    (o1, g1), (o2, g2) = out["im2col"], out["xla"]
+    (o1, g1), (o2, g2) = out["ours"], out["ref"]
     assert o1.shape == (3, 10)
     np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), rtol=1e-4, atol=1e-4)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)):
@@ -61,27 +79,44 @@ def test_lenet_im2col_equals_xla(shape):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-def test_im2col_conv_matches_flax_conv_with_padding():
-    """The building block alone, with a non-square kernel and padding 1."""
-    import flax.linen as nn
-
+@pytest.mark.parametrize("pool", [False, True], ids=["conv", "conv+pool"])
+@pytest.mark.parametrize(
+    "x_shape, kernel, padding",
+    [((2, 8, 7, 3), (3, 2), 1), ((2, 8, 9, 2), (3, 4), 0), ((1, 6, 6, 1), (5, 5), 2)],
+    ids=["3x2-pad1", "3x4-pad0", "5x5-pad2"],
+)
+def test_toeplitz_conv_matches_flax_conv(x_shape, kernel, padding, pool):
+    """The building block alone (non-square kernels, padding, several channels), with and
+    without the fused 2x2 max-pool: outputs and gradients w.r.t. input and parameters."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32)
-    a, b = Im2colConv(4, (3, 2), padding=1), nn.Conv(4, (3, 2), padding=1)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    a, b = models.ToeplitzConv(4, kernel, padding, pool=pool), nn.Conv(4, kernel, padding=padding)
     sa = jax.eval_shape(a.init, jax.random.PRNGKey(0), x)
     sb = jax.eval_shape(b.init, jax.random.PRNGKey(0), x)
     assert jax.tree.map(jnp.shape, sa) == jax.tree.map(jnp.shape, sb)
     p = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), sa)
-    ya, yb = jax.jit(lambda p: (a.apply(p, x), b.apply(p, x)))(p)
-    assert ya.shape == (2, 7, 7, 4)
+    ref = (lambda p, x: nn.max_pool(b.apply(p, x), (2, 2), (2, 2))) if pool else b.apply
+    w = jnp.asarray(rng.normal(size=ref(p, x).shape), jnp.float32)
+
+    @jax.jit
+    def both(p, x):
+        return [(f(p, x), jax.grad(lambda p, x: jnp.sum(w * f(p, x)), (0, 1))(p, x))
+                for f in (a.apply, ref)]
+
+    (ya, ga), (yb, gb) = both(p, x)
+    assert ya.shape == yb.shape
     np.testing.assert_allclose(np.asarray(ya), np.asarray(yb), rtol=1e-5, atol=1e-5)
+    _assert_trees_close(ga, gb, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not hasattr(models, "max_pool_2x2"), reason="no max_pool_2x2 in this version")
+def test_toeplitz_pool_needs_even_output():
+    x = jnp.zeros((1, 8, 8, 1))  # a 2x2 kernel leaves 7x7
+    with pytest.raises(ConfigError, match="even"):
+        jax.eval_shape(models.ToeplitzConv(2, (2, 2), pool=True).init, jax.random.PRNGKey(0), x)
+
+
 def test_max_pool_2x2_equals_flax_max_pool():
-    """LeNet's pooling (shared by both conv variants, so the test above cannot see it)."""
-    import flax.linen as nn
-
+    """The pooling of LeNet's 'xla' path."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 10, 8, 3)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32)
