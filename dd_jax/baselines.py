@@ -351,11 +351,11 @@ def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool 
     if distilled is not None and distilled.images.shape[2:] != dataset.image_shape:
         raise DataError(f"{config.distilled} holds images of shape {distilled.images.shape[2:]}, "
                         f"but {config.dataset} has {dataset.image_shape}; pass its own dataset")
+    t0 = time.perf_counter()
+    maker = BaselineMaker(dataset, model, config)  # checks the split before anything is written
     prepare_workdir(workdir, resume=False)
     write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
 
-    t0 = time.perf_counter()
-    maker = BaselineMaker(dataset, model, config)
     rows = []
     for method in tqdm(methods, desc="baselines", disable=not progress, dynamic_ncols=True):
         t = time.perf_counter()
