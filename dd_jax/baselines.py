@@ -267,7 +267,11 @@ class BaselineMaker:
         self.candidates_key = jax.random.fold_in(stream, CANDIDATES)
         self.labels = np.asarray(distilled_labels(config.steps, config.images_per_class,
                                                   dataset.num_classes))
-        class_members(self.split.pool_y, dataset.num_classes, config.steps * config.images_per_class)
+        class_members(self.split.pool_y, dataset.num_classes,  # raises now if a class is short
+                      config.steps * config.images_per_class)
+        if config.knn_k > self.labels.size:
+            raise ConfigError(f"knn_k={config.knn_k} must be at most the {self.labels.size} "
+                              "images of a set; lower --knn_k")
         self._made: dict[str, Baseline] = {}
         self.scorer = SetScorer(model.apply, regime.train_inits(0), self.labels, config.epochs,
                                 self.split.holdout_x, self.split.holdout_y)
@@ -332,6 +336,18 @@ def evaluate_row(method: str, data: DistilledData, dataset: Dataset, model_fn, c
 # --------------------------------------------------------------------------- the experiment
 
 
+def load_reference(config, dataset: Dataset) -> DistilledData:
+    """The distilled data at config.distilled, checked against the dataset and knn_k."""
+    d = load_distilled(config.distilled)
+    if d.images.shape[2:] != dataset.image_shape:
+        raise DataError(f"{config.distilled} holds images of shape {d.images.shape[2:]}, but "
+                        f"{config.dataset} has {dataset.image_shape}; pass its own dataset")
+    if config.knn_k > d.labels.size:
+        raise ConfigError(f"knn_k={config.knn_k} exceeds the {d.labels.size} images in "
+                          f"{config.distilled}; lower --knn_k")
+    return d
+
+
 def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool = False,
                    progress: bool = True) -> dict:
     """A 'baselines' run: every method of config.baselines (and config.distilled, if given) into
@@ -347,10 +363,7 @@ def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool 
     validate_baselines_config(config)
     methods = parse_methods(config.baselines)
     dataset, model = load_data_and_model(config)
-    distilled = load_distilled(config.distilled) if config.distilled else None
-    if distilled is not None and distilled.images.shape[2:] != dataset.image_shape:
-        raise DataError(f"{config.distilled} holds images of shape {distilled.images.shape[2:]}, "
-                        f"but {config.dataset} has {dataset.image_shape}; pass its own dataset")
+    distilled = load_reference(config, dataset) if config.distilled else None
     t0 = time.perf_counter()
     maker = BaselineMaker(dataset, model, config)  # checks the split before anything is written
     prepare_workdir(workdir, resume=False)
@@ -373,7 +386,7 @@ def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool 
         rows.append({**row, "step_size": None, "source": str(config.distilled),
                      "source_init_regime": distilled.init_regime, "seconds": time.perf_counter() - t})
 
-    best = max(rows, key=lambda r: r["test_acc"])
+    best = max(rows[:len(methods)], key=lambda r: r["test_acc"])
     results = {
         "experiment": name, "kind": "baselines", "dataset": config.dataset,
         "init_regime": config.init_regime, "images": int(maker.labels.size),

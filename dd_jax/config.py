@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     # baselines (dd_jax/baselines.py): real-image sets with the distilled data's layout
     c.baselines = "random_real,optimised_real,kmeans,mean"  # comma-separated, in table order
     c.optimised_candidates = 20  # optimised_real: best of this many random real sets
-    c.step_size_grid = "0.005,0.01,0.02,0.05,0.1,0.2,0.5,1.0"  # fixed step sizes searched
+    c.step_size_grid = "0.01,0.02,0.03,0.05,0.07,0.1,0.15,0.2,0.3,0.5,1.0"  # fixed step sizes searched
     c.score_holdout = 2000  # training images held out to score sets and step sizes
     c.knn_k = 1  # neighbours in the k-NN classification with each set
     c.distilled = ""  # a distilled.npz to add to the baselines' table (k-NN and test accuracy)
