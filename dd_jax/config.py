@@ -46,4 +46,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.checkpoint_every = 200
     c.output_dir = ""  # '' = runs/<experiment name>
+    # what a run does: a key of dd_jax.experiment.RUNNERS ('distill', 'baselines', ...)
+    c.kind = "distill"
+    # baselines (dd_jax/baselines.py): real-image sets with the distilled data's layout
+    c.baselines = "random_real,optimised_real,kmeans,mean"  # comma-separated, in table order
+    c.optimised_candidates = 20  # optimised_real: best of this many random real sets
+    c.step_size_grid = "0.01,0.02,0.03,0.05,0.07,0.1,0.15,0.2,0.3,0.5,1.0"  # fixed step sizes searched
+    c.score_holdout = 2000  # training images held out to score sets and step sizes
+    c.knn_k = 1  # neighbours in the k-NN classification with each set
+    c.distilled = ""  # a distilled.npz to add to the baselines' table (k-NN and test accuracy)
     return c

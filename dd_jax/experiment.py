@@ -1,10 +1,14 @@
-"""A whole run, as `python -m experiments.run` does it: data -> distill -> evaluate -> outputs.
+"""A whole run, as `python -m experiments.run` does it.
 
-A run directory holds config.json, metrics.jsonl, checkpoint.npz, distilled.npz,
-distilled.png and results.json.
+`run` dispatches on the config's `kind` through RUNNERS. The 'distill' kind is
+data -> distill -> evaluate -> outputs; its run directory holds config.json, metrics.jsonl,
+checkpoint.npz, distilled.npz, distilled.png and results.json. Every kind writes config.json
+and results.json (the keys `python -m experiments.report` reads: experiment, dataset,
+init_regime, images, test_acc, test_acc_std, eval_nets, distill_seconds, optionally rows).
 """
 from __future__ import annotations
 
+import importlib
 import platform
 import time
 from pathlib import Path
@@ -22,6 +26,14 @@ from dd_jax.outputs import MetricsLog, save_distilled, save_image_grid, write_js
 
 CONFIG = "config.json"
 RESULTS = "results.json"
+
+# config.kind -> "module:function" that runs one experiment of that kind:
+# fn(config, workdir, *, name, resume, progress) -> the dict it wrote to results.json.
+# A new kind adds one entry; modules are imported on use, so they may import this one.
+RUNNERS: dict[str, str] = {
+    "distill": "dd_jax.experiment:run_distillation",
+    "baselines": "dd_jax.baselines:run_experiment",
+}
 
 
 def prepare_workdir(workdir: Path, resume: bool) -> None:
@@ -47,9 +59,26 @@ def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
     return dataset, get_model(config.model, dataset.num_classes, config.conv)
 
 
+def machine_info() -> dict:
+    """Where a run ran, for results.json."""
+    return {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
+            "jax": jax.__version__}
+
+
 def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
         progress: bool = True) -> dict:
-    """Runs one experiment into `workdir` and returns what results.json holds."""
+    """Runs one experiment of kind `config.kind` into `workdir`; returns what results.json holds."""
+    kind = config.get("kind", "distill")
+    if kind not in RUNNERS:
+        raise ConfigError(f"unknown kind {kind!r}; choose one of: {', '.join(RUNNERS)}")
+    module, function = RUNNERS[kind].split(":")
+    runner = getattr(importlib.import_module(module), function)
+    return runner(config, workdir, name=name, resume=resume, progress=progress)
+
+
+def run_distillation(config, workdir: str | Path, *, name: str = "", resume: bool = False,
+                     progress: bool = True) -> dict:
+    """Distils, evaluates and writes every output of a 'distill' run into `workdir`."""
     workdir = Path(workdir)
     validate_config(config)
     dataset, model = load_data_and_model(config)
@@ -83,8 +112,7 @@ def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
         "step_sizes": distilled.step_sizes.tolist(),
         "distill_seconds": checkpoint_meta(workdir / CHECKPOINT)["seconds"],
         "eval_seconds": time.perf_counter() - t1,
-        "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
-                    "jax": jax.__version__},
+        "machine": machine_info(),
     }
     write_json(workdir / RESULTS, results)
     return results

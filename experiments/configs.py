@@ -32,6 +32,22 @@ def mnist_random_init() -> ml_collections.ConfigDict:
     return c
 
 
+# --- baselines (dd_jax/baselines.py): the paper's Table 1 baseline rows
+def mnist_baselines() -> ml_collections.ConfigDict:
+    """Table 1 baselines, 100 real MNIST images (S=10, E=3), mnist_fixed_init_100's theta_0."""
+    c = mnist_fixed_init_100()
+    c.kind = "baselines"
+    return c
+
+
+def mnist_baselines_random() -> ml_collections.ConfigDict:
+    """Table 1 baselines, 100 real MNIST images (S=10, E=3), mnist_random_init's held-out inits."""
+    c = mnist_random_init()
+    c.kind = "baselines"
+    return c
+
+
 EXPERIMENTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
-    f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_100, mnist_random_init)
+    f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_100, mnist_random_init,
+                            mnist_baselines, mnist_baselines_random)
 }

@@ -117,13 +117,34 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: rerun the same command with --resume to continue from the last "
               "checkpoint", file=sys.stderr)
         return 130
-    acc = f"{100 * results['test_acc']:.2f}%"
-    if results["eval_nets"] > 1:
-        acc += f" +- {100 * results['test_acc_std']:.2f} over {results['eval_nets']} held-out inits"
-    print(f"{name}: test accuracy {100 * results['untrained_acc']:.2f}% -> {acc} "
-          f"({results['test_examples']} test images, {results['distill_seconds']:.0f} s distilling); "
-          f"outputs in {workdir}/")
+    print(summary(name, results, workdir))
     return 0
+
+
+def accuracy_text(r: dict) -> str:
+    """'92.66%', or '75.26% +- 1.66 over 20 held-out inits' for several networks."""
+    acc = f"{100 * r['test_acc']:.2f}%"
+    if r["eval_nets"] > 1:
+        acc += f" +- {100 * r['test_acc_std']:.2f} over {r['eval_nets']} held-out inits"
+    return acc
+
+
+def summary(name: str, results: dict, workdir: Path) -> str:
+    """What the CLI prints after a run: one line, plus one per row of a run with "rows"."""
+    if "rows" not in results:
+        return (f"{name}: test accuracy {100 * results['untrained_acc']:.2f}% -> "
+                f"{accuracy_text(results)} ({results['test_examples']} test images, "
+                f"{results['distill_seconds']:.0f} s distilling); outputs in {workdir}/")
+    lines = [f"{name}: {len(results['rows'])} rows ({results.get('test_examples', '?')} test images, "
+             f"{results['distill_seconds']:.0f} s); outputs in {workdir}/"]
+    for r in results["rows"]:
+        line = f"  {r['method']}: test accuracy {accuracy_text(r)}"
+        if r.get("knn_acc") is not None:
+            line += f", k-NN {100 * r['knn_acc']:.2f}%"
+        if r.get("step_size") is not None:
+            line += f", step size {r['step_size']:.4g}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

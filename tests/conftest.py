@@ -154,3 +154,31 @@ def make_tiny_convnet(num_classes: int = 10):
 @pytest.fixture(scope="session")
 def tiny_mlp():
     return make_tiny_mlp()
+
+
+# --------------------------------------------------------------------------- tiny runs (baselines, report)
+
+TINY_DIGITS = ["--dataset=digits", "--test_subset=100", "--quiet"]
+TINY_BASELINES = [*TINY_DIGITS, "--steps=2", "--score_holdout=300", "--optimised_candidates=3",
+                  "--step_size_grid=0.03,0.3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """Three finished runs through the CLI: 'distill' (mnist_fixed_init, 2 iterations),
+    'baselines' (mnist_baselines, every method, plus --distilled=<distill's npz>) and
+    'baselines_random' (mnist_baselines_random, 2 methods, 2 training / 2 held-out inits)."""
+    from experiments import run as cli
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    runs = {name: root / name for name in ("distill", "baselines", "baselines_random")}
+    argvs = {
+        "distill": ["mnist_fixed_init", *TINY_DIGITS, "--iterations=2", "--real_batch_size=64"],
+        "baselines": ["mnist_baselines", *TINY_BASELINES,
+                      f"--distilled={runs['distill'] / 'distilled.npz'}"],
+        "baselines_random": ["mnist_baselines_random", *TINY_BASELINES, "--n_nets=2",
+                             "--n_eval_nets=2", "--baselines=random_real,mean"],
+    }
+    for name, argv in argvs.items():
+        assert cli.main([*argv, f"--output_dir={runs[name]}"]) == 0, name
+    return runs
