@@ -50,6 +50,10 @@ def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
 def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
         progress: bool = True) -> dict:
     """Runs one experiment into `workdir` and returns what results.json holds."""
+    if config.get("kind", "distill") == "linear":  # Section 3.3's linear analysis
+        from dd_jax.linear import run_linear
+
+        return run_linear(config, workdir, name=name, resume=resume, progress=progress)
     workdir = Path(workdir)
     validate_config(config)
     dataset, model = load_data_and_model(config)

@@ -9,6 +9,7 @@ from typing import Callable
 import ml_collections
 
 from dd_jax.config import default_config
+from dd_jax.linear import linear_config
 
 
 def mnist_fixed_init() -> ml_collections.ConfigDict:
@@ -32,6 +33,13 @@ def mnist_random_init() -> ml_collections.ConfigDict:
     return c
 
 
+# --- linear analysis (paper Section 3.3) ---
+def linear_analysis() -> ml_collections.ConfigDict:
+    """Sec. 3.3: linear regression, one GD step on M distilled points reaches theta* iff M >= D."""
+    return linear_config()
+
+
 EXPERIMENTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_100, mnist_random_init)
 }
+EXPERIMENTS["linear_analysis"] = linear_analysis

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: rerun the same command with --resume to continue from the last "
               "checkpoint", file=sys.stderr)
         return 130
+    if "summary" in results:  # runs whose figure is not one test accuracy (linear_analysis)
+        print(f"{name}: {results['summary']}; outputs in {workdir}/")
+        return 0
     acc = f"{100 * results['test_acc']:.2f}%"
     if results["eval_nets"] > 1:
         acc += f" +- {100 * results['test_acc_std']:.2f} over {results['eval_nets']} held-out inits"
