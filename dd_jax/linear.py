@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from dd_jax.errors import ConfigError, DivergedError
 from dd_jax.experiment import CONFIG, RESULTS, prepare_workdir
@@ -121,11 +122,14 @@ class LinearProblem:
 
 
 def make_problem(key: jax.Array, dim: int, n_points: int, noise: float) -> LinearProblem:
-    """x ~ N(0, I), theta_true ~ N(0, I), y = x theta_true + noise * N(0, 1)."""
+    """x ~ N(0, I), theta_true ~ N(0, I), y = x theta_true + noise * N(0, 1); theta* solved
+    in float64."""
     kx, kt, kn = jax.random.split(key, 3)
     x = jax.random.normal(kx, (n_points, dim))
     y = x @ jax.random.normal(kt, (dim,)) + noise * jax.random.normal(kn, (n_points,))
-    return LinearProblem(x, y, jnp.linalg.lstsq(x, y)[0])
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    theta_star = np.linalg.lstsq(x64, y64, rcond=None)[0]
+    return LinearProblem(x, y, jnp.asarray(theta_star, x.dtype))
 
 
 def excess_loss(theta: jax.Array, problem: LinearProblem) -> jax.Array:
@@ -249,8 +253,8 @@ def run_linear(config, workdir: str | Path, *, name: str = "", resume: bool = Fa
     workdir = Path(workdir)
     validate_linear_config(config)
     if resume:
-        raise ConfigError("the linear analysis keeps no checkpoint (it takes about a minute); "
-                          "drop --resume and rerun with a new --output_dir=DIR")
+        raise ConfigError("the linear analysis keeps no checkpoint (a run takes about a minute of "
+                          "CPU); drop --resume and rerun with a new --output_dir=DIR")
     prepare_workdir(workdir, resume=False)
     write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
 
@@ -262,8 +266,6 @@ def run_linear(config, workdir: str | Path, *, name: str = "", resume: bool = Fa
     train_inits = jax.jit(jax.vmap(regime.train_inits))(jnp.arange(config.iterations))
     eval_inits = regime.eval_inits(config.n_eval_nets)
     rows = []
-    from tqdm.auto import tqdm
-
     for m in tqdm(range(1, config.max_points + 1), disable=not progress, desc="linear", unit="M"):
         t0 = time.perf_counter()
         learned, targets, losses = distill_points(

@@ -34,6 +34,14 @@ def _points(rng, m: int, eta: float = 0.5) -> tuple[Learned, jax.Array]:
             jnp.asarray(rng.normal(size=(1, m))))
 
 
+def _designed_points(basis: np.ndarray, theta_star, eta: float) -> tuple[Learned, jax.Array]:
+    """d = sqrt(M/eta) basis^T, t = sqrt(M/eta) basis^T theta*, for basis (D, M) with
+    orthonormal columns or rows: eta/M d^T d = basis basis^T and eta/M d^T t = that times theta*."""
+    scale = np.sqrt(basis.shape[1] / eta)
+    return (Learned(jnp.asarray(scale * basis.T)[None], jnp.asarray([np.log(np.expm1(eta))])),
+            jnp.asarray(scale * basis.T @ np.asarray(theta_star))[None])
+
+
 def test_gd_step_takes_the_loss_keyword():
     """Cross-entropy stays the default; with squared_error one step is the paper's
     theta_1 = theta_0 - eta/M d^T (d theta_0 - t)."""
@@ -46,7 +54,8 @@ def test_gd_step_takes_the_loss_keyword():
         w = jnp.asarray(rng.normal(size=(D, 3)))
         labels = jnp.asarray([0, 2, 1, 1, 0])
         default = gd_step(apply_linear, w, d, labels, 0.3)
-        np.testing.assert_array_equal(default, gd_step(apply_linear, w, d, labels, 0.3, cross_entropy))
+        explicit = gd_step(apply_linear, w, d, labels, 0.3, cross_entropy)
+        np.testing.assert_array_equal(default, explicit)
         assert float(jnp.abs(default - w).max()) > 1e-3
 
 
@@ -64,7 +73,8 @@ def test_linear_meta_gradient_matches_finite_differences(m):
         @jax.jit
         def check(trainable, v):
             grad = jax.grad(lambda p: f(*p))(trainable)
-            analytic = sum(jnp.vdot(g, e) for g, e in zip(jax.tree.leaves(grad), jax.tree.leaves(v)))
+            analytic = sum(jnp.vdot(g, e)
+                           for g, e in zip(jax.tree.leaves(grad), jax.tree.leaves(v)))
             plus = jax.tree.map(lambda a, e: a + H_FD * e, trainable, v)
             minus = jax.tree.map(lambda a, e: a - H_FD * e, trainable, v)
             return analytic, (f(*plus) - f(*minus)) / (2 * H_FD)
@@ -84,21 +94,19 @@ def test_linear_meta_gradient_matches_finite_differences(m):
         for v in directions:
             analytic, numeric = map(float, check(trainable, v))
             assert abs(numeric) > 1e-6, "degenerate direction"
-            assert abs(analytic - numeric) <= RTOL * max(abs(analytic), abs(numeric)), (analytic, numeric)
+            rel = abs(analytic - numeric) / max(abs(analytic), abs(numeric))
+            assert rel <= RTOL, (analytic, numeric)
 
 
 @pytest.mark.parametrize("m", [D, D + 3])
 def test_m_at_least_d_points_reach_the_optimum_from_any_init(m):
-    """d = sqrt(M/eta) U with U U^T = I (D x M), t = sqrt(M/eta) U^T theta*: then
-    eta/M d^T d = I and one GD step lands on theta* from every theta_0."""
+    """With U (D, M), U U^T = I: eta/M d^T d = I, and one GD step lands on theta* from every
+    theta_0."""
     rng = np.random.default_rng(10 + m)
     with jax.enable_x64():
         problem = _problem(rng)
-        eta = 0.7
         u = np.linalg.qr(rng.normal(size=(m, D)))[0].T  # (D, m), orthonormal rows
-        scale = np.sqrt(m / eta)
-        learned = Learned(jnp.asarray(scale * u.T)[None], jnp.asarray([np.log(np.expm1(eta))]))
-        targets = jnp.asarray(scale * u.T @ np.asarray(problem.theta_star))[None]
+        learned, targets = _designed_points(u, problem.theta_star, eta=0.7)
         inits = jnp.asarray(rng.normal(size=(7, D)) * 5.0)
         theta1 = train_one_step(learned, targets, inits)
         np.testing.assert_allclose(theta1, np.broadcast_to(problem.theta_star, (7, D)), atol=1e-10)
@@ -129,9 +137,9 @@ def test_fewer_than_d_points_leave_the_null_space_of_theta_0(m):
 def _expected_excess(learned, targets, problem, scale):
     """E over theta_0 ~ N(0, scale^2 I) of the excess loss: theta_1 = B theta_0 + c (affine)."""
     b = jax.jacobian(lambda th: train_one_step(learned, targets, th[None])[0])(jnp.zeros(D))
-    c = train_one_step(learned, targets, jnp.zeros((1, D)))[0] - problem.theta_star
-    h = problem.hessian
-    return 0.5 * scale**2 * float(jnp.trace(b.T @ h @ b)) + float(excess_loss(c + problem.theta_star, problem))
+    from_zero = train_one_step(learned, targets, jnp.zeros((1, D)))[0]
+    spread = 0.5 * scale**2 * float(jnp.trace(b.T @ problem.hessian @ b))
+    return spread + float(excess_loss(from_zero, problem))
 
 
 @pytest.mark.parametrize("m", [1, 2, D - 1])
@@ -143,15 +151,15 @@ def test_excess_loss_bound_holds_and_is_tight(m):
         bound = excess_loss_bound(problem, m, scale)
         assert bound > 0
         for _ in range(5):
-            assert _expected_excess(*_points(rng, m, eta=rng.uniform(0.1, 2.0)), problem, scale) >= bound
-        # d along the top-m eigenvectors of H with eta/M d^T d = their projector: the theta_0
-        # term of the expectation equals the bound
+            points = _points(rng, m, eta=rng.uniform(0.1, 2.0))
+            assert _expected_excess(*points, problem, scale) >= bound
+        # d along the top-m eigenvectors of H, eta/M d^T d their projector: the theta_0 term of
+        # the expectation equals the bound
         top = np.linalg.eigh(np.asarray(problem.hessian))[1][:, ::-1][:, :m]
-        eta = 0.5
-        learned = Learned(jnp.asarray(np.sqrt(m / eta) * top.T)[None], jnp.asarray([np.log(np.expm1(eta))]))
-        targets = jnp.asarray(np.sqrt(m / eta) * top.T @ np.asarray(problem.theta_star))[None]
-        offset = excess_loss(train_one_step(learned, targets, jnp.zeros((1, D)))[0], problem)
-        assert _expected_excess(learned, targets, problem, scale) - float(offset) == pytest.approx(bound, rel=1e-10)
+        learned, targets = _designed_points(top, problem.theta_star, eta=0.5)
+        offset = float(excess_loss(train_one_step(learned, targets, jnp.zeros((1, D)))[0], problem))
+        spread = _expected_excess(learned, targets, problem, scale) - offset
+        assert spread == pytest.approx(bound, rel=1e-10)
         assert excess_loss_bound(problem, D, scale) == 0.0
 
 
