@@ -33,6 +33,7 @@ RESULTS = "results.json"
 RUNNERS: dict[str, str] = {
     "distill": "dd_jax.experiment:run_distillation",
     "baselines": "dd_jax.baselines:run_experiment",
+    "linear": "dd_jax.linear:run_linear",
 }
 
 

@@ -1,7 +1,8 @@
 """Stage 4 - the inner loop: T = steps x epochs gradient-descent steps on distilled data.
 
 Step t trains on distilled batch ``t mod steps`` with its own step size eta_t:
-``theta_t = theta_{t-1} - eta_t * grad_theta CE(apply(theta_{t-1}, x_{t mod S}), y_{t mod S})``.
+``theta_t = theta_{t-1} - eta_t * grad_theta loss(apply(theta_{t-1}, x_{t mod S}), y_{t mod S})``,
+the loss being cross-entropy unless a ``loss_fn(outputs, targets) -> scalar`` is given.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import optax
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -20,9 +22,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def gd_step(apply_fn: ApplyFn, params: Params, x: jax.Array, y: jax.Array, lr: jax.Array) -> Params:
-    """One plain gradient-descent step on the batch (x, y) with step size lr."""
-    grads = jax.grad(lambda p: cross_entropy(apply_fn(p, x), y))(params)
+def gd_step(
+    apply_fn: ApplyFn, params: Params, x: jax.Array, y: jax.Array, lr: jax.Array,
+    loss_fn: LossFn = cross_entropy,
+) -> Params:
+    """One plain gradient-descent step on loss_fn(apply_fn(params, x), y) with step size lr."""
+    grads = jax.grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
     return jax.tree.map(lambda p, g: p - lr * g, params, grads)
 
 
@@ -33,7 +38,7 @@ def unroll_schedule(images: jax.Array, labels: jax.Array, epochs: int) -> tuple[
 
 def inner_train(
     apply_fn: ApplyFn, params: Params, images: jax.Array, labels: jax.Array,
-    step_sizes: jax.Array, epochs: int, remat: bool = False,
+    step_sizes: jax.Array, epochs: int, remat: bool = False, loss_fn: LossFn = cross_entropy,
 ) -> Params:
     """Trains from `params` on the distilled data; returns theta_T.
 
@@ -44,7 +49,7 @@ def inner_train(
 
     def step(p, batch):
         x, y, lr = batch
-        return gd_step(apply_fn, p, x, y, lr), None
+        return gd_step(apply_fn, p, x, y, lr, loss_fn), None
 
     if remat:
         step = jax.checkpoint(step)

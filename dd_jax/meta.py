@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dd_jax.inner import ApplyFn, cross_entropy, inner_train
+from dd_jax.inner import ApplyFn, LossFn, cross_entropy, inner_train
 
 Params = Any
 
@@ -58,14 +58,16 @@ def distilled_labels(steps: int, images_per_class: int, num_classes: int) -> jax
 def meta_loss(
     learned: Learned, labels: jax.Array, init_params: Params, real_x: jax.Array,
     real_y: jax.Array, *, apply_fn: ApplyFn, epochs: int, remat: bool = False,
+    loss_fn: LossFn = cross_entropy,
 ) -> jax.Array:
     """Mean over the n_nets initialisations (leading axis of init_params) of the real-batch
-    cross-entropy after inner training. real_x (B, H, W, C), real_y (B,)."""
+    loss after inner training. real_x (B, H, W, C), real_y (B,). `loss_fn` (outputs, targets)
+    is both the inner training loss and the real-batch loss."""
 
     def one_net(theta0):
         theta_t = inner_train(
-            apply_fn, theta0, learned.images, labels, learned.step_sizes, epochs, remat
+            apply_fn, theta0, learned.images, labels, learned.step_sizes, epochs, remat, loss_fn
         )
-        return cross_entropy(apply_fn(theta_t, real_x), real_y)
+        return loss_fn(apply_fn(theta_t, real_x), real_y)
 
     return jnp.mean(jax.vmap(one_net)(init_params))

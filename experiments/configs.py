@@ -9,6 +9,7 @@ from typing import Callable
 import ml_collections
 
 from dd_jax.config import default_config
+from dd_jax.linear import linear_config
 
 
 def mnist_fixed_init() -> ml_collections.ConfigDict:
@@ -47,7 +48,13 @@ def mnist_baselines_random() -> ml_collections.ConfigDict:
     return c
 
 
+# --- linear analysis (paper Section 3.3) ---
+def linear_analysis() -> ml_collections.ConfigDict:
+    """Sec. 3.3: linear regression, one GD step on M distilled points reaches theta* iff M >= D."""
+    return linear_config()
+
+
 EXPERIMENTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_100, mnist_random_init,
-                            mnist_baselines, mnist_baselines_random)
+                            mnist_baselines, mnist_baselines_random, linear_analysis)
 }

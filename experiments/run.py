@@ -131,6 +131,8 @@ def accuracy_text(r: dict) -> str:
 
 def summary(name: str, results: dict, workdir: Path) -> str:
     """What the CLI prints after a run: one line, plus one per row of a run with "rows"."""
+    if "summary" in results:  # runs whose figure is not a test accuracy (linear_analysis)
+        return f"{name}: {results['summary']}; outputs in {workdir}/"
     if "rows" not in results:
         return (f"{name}: test accuracy {100 * results['untrained_acc']:.2f}% -> "
                 f"{accuracy_text(results)} ({results['test_examples']} test images, "
