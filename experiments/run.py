@@ -19,7 +19,7 @@ from experiments.configs import EXPERIMENTS
 # Fields that shape the checkpointed state or its random streams: fixed for a run's lifetime.
 RUN_IDENTITY = ("dataset", "data_dir", "train_subset", "model", "init_regime", "init_dist",
                 "init_gain", "steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
-                "seed", "step_size_init")
+                "seed", "step_size_init", "pool_path", "pool_source", "pool_eval_nets")
 USAGE = "usage: python -m experiments.run NAME [--field=value ...] [--resume] [--quiet] | --list"
 
 
@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: rerun the same command with --resume to continue from the last "
               "checkpoint", file=sys.stderr)
         return 130
+    if results.get("kind") == "pretrain_pool":
+        print(f"{name}: {results['pool_size']} networks trained on {results['dataset']}, test accuracy "
+              f"{100 * results['test_acc']:.2f}% +- {100 * results['test_acc_std']:.2f} "
+              f"({results['test_examples']} test images, {results['distill_seconds']:.0f} s training); "
+              f"pool in {results['pool_path']}")
+        return 0
     acc = f"{100 * results['test_acc']:.2f}%"
     if results["eval_nets"] > 1:
         acc += f" +- {100 * results['test_acc_std']:.2f} over {results['eval_nets']} held-out inits"
