@@ -105,8 +105,8 @@ def train_pool(
     n, n_train = config.pool_size, len(dataset.train_y)
     batch = min(config.pool_batch_size, n_train)
     per_epoch = n_train // batch
-    params = sample_inits(jax.random.fold_in(key, TRAIN_STREAM), n, model, train_x[:1],
-                          config.init_dist, config.init_gain)
+    params = jax.jit(lambda k: sample_inits(k, n, model, train_x[:1], config.init_dist,
+                                            config.init_gain))(jax.random.fold_in(key, TRAIN_STREAM))
     optimizer = pool_optimizer(config)
     opt_state = jax.vmap(optimizer.init)(params)
     train_steps = make_pool_train_steps(model, optimizer)

@@ -64,9 +64,10 @@ def sample_init(
 
     ``dist='model'`` keeps the model's own initialisers. sample_x: (1, H, W, C).
     """
-    params = model.init(key, sample_x)
     if dist == "model":
-        return params
+        return model.init(key, sample_x)
+    # only the tree's shapes are needed: no model.init (a forward pass) to compile
+    params = jax.eval_shape(model.init, key, sample_x)
     if dist not in INIT_DISTRIBUTIONS:
         raise ConfigError(
             f"unknown init distribution {dist!r}; choose one of: "
@@ -76,7 +77,7 @@ def sample_init(
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
     new = [
-        weight_init(k, p.shape, p.dtype) if p.ndim >= 2 else jnp.zeros_like(p)
+        weight_init(k, p.shape, p.dtype) if p.ndim >= 2 else jnp.zeros(p.shape, p.dtype)
         for k, p in zip(keys, leaves)
     ]
     return jax.tree.unflatten(treedef, new)
@@ -85,10 +86,12 @@ def sample_init(
 def sample_inits(
     key: jax.Array, n: int, model: Model, sample_x: jax.Array, dist: str, gain: float
 ) -> Params:
-    """n independent theta_0, stacked along a leading axis of every leaf."""
-    return jax.vmap(lambda k: sample_init(k, model, sample_x, dist, gain))(
-        jax.random.split(key, n)
-    )
+    """n independent theta_0, stacked along a leading axis of every leaf.
+
+    (lax.map, not vmap: the same values, and XLA:CPU compiles it in about half the time.)
+    """
+    return jax.lax.map(lambda k: sample_init(k, model, sample_x, dist, gain),
+                       jax.random.split(key, n))
 
 
 @dataclasses.dataclass(frozen=True)
