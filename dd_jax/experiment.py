@@ -21,7 +21,6 @@ from dd_jax.models import as_model, get_model
 from dd_jax.outer import CHECKPOINT, METRICS, distill, validate_config
 from dd_jax.outputs import MetricsLog, save_distilled, save_image_grid, write_json
 from dd_jax.pretrain import POOL_FILE, save_pool, train_pool, validate_pool_config
-from dd_jax.regimes import PRETRAINED_REGIMES
 
 CONFIG = "config.json"
 RESULTS = "results.json"

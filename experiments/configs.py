@@ -50,8 +50,8 @@ def mnist_pool() -> ml_collections.ConfigDict:
 
 
 def digits_pool() -> ml_collections.ConfigDict:
-    """A pool of 20 LeNets trained on scikit-learn digits (20 epochs of Adam), the source of digits_to_mnist."""
-    return _pool("digits", 20)
+    """A pool of 20 LeNets trained on scikit-learn digits (10 epochs of Adam), the source of digits_to_mnist."""
+    return _pool("digits", 10)
 
 
 def usps_pool() -> ml_collections.ConfigDict:

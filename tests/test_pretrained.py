@@ -25,7 +25,7 @@ from dd_jax.pretrain import (Pool, check_pool, load_pool, pool_fingerprint, pool
                              save_pool, train_pool)
 from dd_jax.regimes import make_regime
 from experiments import run as cli
-from test_meta_gradient import HW, K, STEPS, EPOCHS, _assert_close, _checker, _problem, _unit
+from test_meta_gradient import EPOCHS, K, STEPS, _assert_close, _checker, _problem, _unit
 
 
 def call_main(args) -> tuple[int, str, str]:
@@ -479,3 +479,24 @@ def test_bad_pretrained_input_is_a_one_line_error(adaptation, tmp_path, args, fr
     line = one_line_error(rc, err)
     for f in fragments:
         assert f in line, (f, line)
+
+
+def test_adaptation_experiments_point_at_their_source_pool():
+    from dd_jax.outer import validate_config
+    from dd_jax.pretrain import validate_pool_config
+    from experiments.configs import EXPERIMENTS, PRETRAINED_EXPERIMENTS
+
+    for fn in PRETRAINED_EXPERIMENTS:
+        config = fn()
+        if config.kind == "pretrain_pool":
+            validate_pool_config(config)
+            assert fn.__name__ == f"{config.dataset}_pool"
+            continue
+        validate_config(config)
+        source, target = fn.__name__.split("_to_")
+        assert (config.pool_source, config.dataset) == (source, target)
+        assert (config.steps, config.epochs, config.images_per_class) == (10, 3, 1)  # 100 images
+        assert config.init_regime == "random_pretrained"
+        assert pool_path(config) == Path("runs") / f"{source}_pool" / "pool.npz"
+        assert EXPERIMENTS[f"{source}_pool"]().dataset == source
+        assert EXPERIMENTS[f"{source}_pool"]().pool_size - config.pool_eval_nets >= config.n_nets
