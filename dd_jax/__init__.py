@@ -12,6 +12,7 @@ from dd_jax.meta import Learned, meta_loss
 from dd_jax.models import LeNet, Model, as_model
 from dd_jax.outer import DistilledData, distill
 from dd_jax.outputs import load_distilled, save_distilled
+from dd_jax.pretrain import load_pool, save_pool, train_pool
 from dd_jax.regimes import INIT_DISTRIBUTIONS, make_regime, sample_init, sample_inits
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "INIT_DISTRIBUTIONS", "LeNet", "Learned", "Model", "as_model", "default_config", "distill", "evaluate",
     "inner_train", "load_dataset", "load_distilled", "make_regime", "meta_loss", "sample_init",
     "sample_inits", "save_distilled",
+    "load_pool", "save_pool", "train_pool",  # pretrained networks
 ]

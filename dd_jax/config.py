@@ -19,7 +19,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = "lenet"
     c.conv = "toeplitz"  # "toeplitz" (fast on CPU) or "xla" (flax.linen.Conv); same function
     # initialisation regime
-    c.init_regime = "fixed"  # 'fixed' or 'random'
+    c.init_regime = "fixed"  # fixed, random, fixed_pretrained or random_pretrained (regimes.py)
     c.init_dist = "xavier_normal"  # see dd_jax.INIT_DISTRIBUTIONS, or 'model'
     c.init_gain = 1.0
     # distilled data and inner loop
@@ -55,4 +55,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.score_holdout = 2000  # training images held out to score sets and step sizes
     c.knn_k = 1  # neighbours in the k-NN classification with each set
     c.distilled = ""  # a distilled.npz to add to the baselines' table (k-NN and test accuracy)
+    # pretrained networks: pool training and the pretrained init regimes (feature: pretrained)
+    c.pool_path = ""  # pool.npz of fixed_/random_pretrained ('' = runs/<pool_source>_pool/pool.npz)
+    c.pool_source = ""  # dataset the pool must have been trained on ('' = any)
+    c.pool_eval_nets = 10  # random_pretrained: last pool members held out for evaluation only
+    c.pool_size = 20  # pretrain_pool: networks to train
+    c.pool_epochs = 1
+    c.pool_batch_size = 64
+    c.pool_optimizer = "adam"  # 'adam' (beta1, beta2 above) or 'sgd' (plain), constant step size
+    c.pool_lr = 1e-3
     return c

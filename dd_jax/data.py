@@ -4,6 +4,10 @@
 - ``mnist``: canonical MNIST carried inside the package (IDX files, SHA-256 checked on every load);
 - ``digits``: scikit-learn's 1797 real 8x8 digits, shipped offline, upsampled to 28x28
   (a deterministic split of 1497 train / 300 test);
+- ``usps``: the standard USPS set (7291 train / 2007 test, 16x16), read from the LIBSVM files
+  ``usps.bz2`` and ``usps.t.bz2`` in data_dir (default ./data/usps), resized to 28x28 (bicubic);
+- ``svhn``: tensorflow-datasets' ``svhn_cropped`` (prepared offline), converted to grayscale
+  and resized to 28x28 (bicubic);
 - any other name: a tensorflow-datasets catalog dataset that is already prepared on this machine
   (``tfds.data_source``; with TensorFlow installed, ``tfds.load``).
 """
@@ -27,7 +31,11 @@ MNIST_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 # (mean, std) per channel of [0, 1] pixels, as the authors' code normalises.
-NORMALISATION = {"mnist": ((0.1307,), (0.3081,)), "digits": ((0.1307,), (0.3081,))}
+NORMALISATION = {"mnist": ((0.1307,), (0.3081,)), "digits": ((0.1307,), (0.3081,)),
+                 "usps": ((0.1307,), (0.3081,))}
+USPS_DIR = Path("data") / "usps"
+USPS_FILES = {"train": "usps.bz2", "test": "usps.t.bz2"}  # LIBSVM multiclass 'usps'
+USPS_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +154,12 @@ def load_mnist(directory: Path | str | None = None) -> Dataset:
     )
 
 
-def resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W, C) -> (N, size, size, C), bilinear (antialiased when shrinking)."""
+def resize(pixels: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray:
+    """(N, H, W, C) -> (N, size, size, C), `method` of jax.image.resize (antialiased when shrinking)."""
     import jax
 
     out = jax.image.resize(
-        pixels.astype(np.float32), (pixels.shape[0], size, size, pixels.shape[-1]), "bilinear"
+        pixels.astype(np.float32), (pixels.shape[0], size, size, pixels.shape[-1]), method
     )
     return np.asarray(out)
 
@@ -168,6 +176,60 @@ def load_digits(size: int = 28, n_test: int = 300) -> Dataset:
     return Dataset("digits", x[:-n_test], y[:-n_test], x[-n_test:], y[-n_test:], 10, mean, std)
 
 
+def parse_libsvm(text: str, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """LIBSVM lines 'label index:value ...' (indices 1-based, omitted values 0) ->
+    (features (N, n_features) float32, labels (N,) int64)."""
+    rows, labels = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        row = np.zeros(n_features, np.float32)
+        try:
+            labels.append(int(float(fields[0])))
+            for field in fields[1:]:
+                index, value = field.split(":")
+                row[int(index) - 1] = float(value)
+        except (ValueError, IndexError):
+            raise DataError(f"LIBSVM line {number} is malformed (expected 'label index:value ...' "
+                            f"with indices 1..{n_features}): {line[:60]!r}") from None
+        rows.append(row)
+    if not rows:
+        raise DataError("LIBSVM file holds no examples")
+    return np.stack(rows), np.array(labels)
+
+
+def load_usps(directory: Path | str | None = None, size: int = 28) -> Dataset:
+    """USPS (LIBSVM 'usps': 7291 train / 2007 test 16x16 digits, pixels in [-1, 1], labels
+    1..10 for digits 0..9) from usps.bz2 / usps.t.bz2 in `directory` (default ./data/usps),
+    resized to size x size (bicubic) and normalised like MNIST."""
+    import bz2
+
+    directory = Path(directory or USPS_DIR)
+    splits = {}
+    for split, fname in USPS_FILES.items():
+        path = directory / fname
+        if not path.is_file():
+            raise DataError(
+                f"USPS file {path} is missing: download usps.bz2 and usps.t.bz2 from {USPS_URL} "
+                f"into {directory}/ (or pass --data_dir=DIR holding them)"
+            )
+        try:
+            text = bz2.decompress(path.read_bytes()).decode("ascii")
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"USPS file {path} is not a readable bz2 text file ({e}); download it "
+                            f"again from {USPS_URL}") from None
+        features, labels = parse_libsvm(text, 16 * 16)
+        if labels.min() < 1 or labels.max() > 10:
+            raise DataError(f"USPS file {path} has labels outside 1..10 (digits 0..9)")
+        pixels = (np.clip(features, -1.0, 1.0) + 1.0) / 2.0
+        pixels = resize(pixels.reshape(-1, 16, 16, 1), size, "bicubic") if size != 16 else pixels.reshape(-1, 16, 16, 1)
+        mean, std = NORMALISATION["usps"]
+        splits[split] = normalise(np.clip(pixels, 0.0, 1.0), mean, std), (labels - 1).astype(np.int32)
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+    return Dataset("usps", train_x, train_y, test_x, test_y, 10, *NORMALISATION["usps"])
+
+
 def _tfds_split(tfds, name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, H, W, C), labels (N,)) of one split: with TensorFlow installed through
     `tfds.load` (which can also prepare the dataset), otherwise from prepared array_record files
@@ -181,8 +243,9 @@ def _tfds_split(tfds, name: str, split: str, data_dir: str | None) -> tuple[np.n
     return (np.stack([ex["image"] for ex in source]), np.array([ex["label"] for ex in source]))
 
 
-def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
-    """A tensorflow-datasets catalog dataset with 'image' and 'label' features, prepared offline."""
+def _tfds_arrays(name: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
+    """(train pixels, train labels, test pixels, test labels, num_classes) of a prepared tfds
+    dataset, pixels uint8 (N, H, W, C); a one-line DataError saying how to prepare it if absent."""
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -203,6 +266,12 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
             f"tfds.builder('{name}').download_and_prepare()\", then copy ~/tensorflow_datasets "
             f"here (or pass --data_dir). Offline alternatives: 'mnist', 'digits'."
         ) from None
+    return train_px, train_y, test_px, test_y, num_classes
+
+
+def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
+    """A tensorflow-datasets catalog dataset with 'image' and 'label' features, prepared offline."""
+    train_px, train_y, test_px, test_y, num_classes = _tfds_arrays(name, data_dir)
     train_px = train_px.astype(np.float32) / 255.0
     test_px = test_px.astype(np.float32) / 255.0
     mean = tuple(float(m) for m in train_px.mean(axis=(0, 1, 2)))
@@ -213,10 +282,31 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
     )
 
 
+def load_svhn(data_dir: str | None = None, size: int = 28) -> Dataset:
+    """SVHN (tfds 'svhn_cropped', 73257 train / 26032 test, 32x32 RGB) as grayscale
+    (ITU-R 601-2 luma, as PIL's 'L') resized to size x size (bicubic), normalised with the
+    grayscale training set's own mean and std."""
+    train_px, train_y, test_px, test_y, num_classes = _tfds_arrays("svhn_cropped", data_dir)
+
+    def gray(px: np.ndarray) -> np.ndarray:
+        luma = px.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
+        return np.clip(resize(luma[..., None], size, "bicubic"), 0.0, 1.0)
+
+    train_px, test_px = gray(train_px), gray(test_px)
+    mean, std = (float(train_px.mean()),), (float(train_px.std()),)
+    return Dataset("svhn", normalise(train_px, mean, std), train_y.astype(np.int32),
+                   normalise(test_px, mean, std), test_y.astype(np.int32), num_classes, mean, std)
+
+
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    """The named dataset: 'mnist' and 'digits' offline, anything else through tfds."""
+    """The named dataset: 'mnist' and 'digits' offline, 'usps' from LIBSVM files in data_dir,
+    'svhn' (grayscale 28x28) and anything else through tfds."""
     if name == "mnist":
         return load_mnist()
     if name == "digits":
         return load_digits()
+    if name == "usps":
+        return load_usps(data_dir)
+    if name == "svhn":
+        return load_svhn(data_dir)
     return load_tfds(name, data_dir)

@@ -1,7 +1,8 @@
 """Stage 7 - evaluation: train fresh networks on distilled data, test on the full test set.
 
-Fixed regime: the one theta_0 the data was distilled for. Random regime: `n_nets` held-out
-initialisations (never drawn in training); reported as mean +- std over them.
+Fixed regimes: the one theta_0 the data was distilled for. Random regime: `n_nets` held-out
+initialisations (never drawn in training); random_pretrained: `n_nets` of the pool members held
+out from training. Reported as mean +- std over them.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dd_jax.inner import ApplyFn, inner_train
+from dd_jax.errors import DataError
 from dd_jax.models import as_model
+from dd_jax.pretrain import Pool, check_pool, load_pool
 from dd_jax.regimes import make_regime
 
 Params = Any
@@ -76,28 +79,57 @@ def summarise(accs: np.ndarray) -> dict:
 
 
 def evaluate(
-    distilled, dataset, model_fn, init_params: Params | None = None, n_nets: int = 20
+    distilled, dataset, model_fn, init_params: Params | None = None, n_nets: int | None = None
 ) -> dict:
     """Trains networks on `distilled` (a DistilledData) and tests them on dataset's test set.
 
-    init_params: theta_0 batch with a leading axis. By default the fixed regime uses
-    distilled.init_params, the random regime `n_nets` held-out draws of its distribution
-    (the run's evaluation key stream, never used in training).
+    init_params: theta_0 batch with a leading axis. By default the fixed regimes use
+    distilled.init_params, the random regime `n_nets` (default 20) held-out draws of its
+    distribution (the run's evaluation key stream, never used in training), random_pretrained
+    `n_nets` (default all) of the pool members held out from training, read from the pool file
+    the data was made for (distilled.pool['path'], checked against its fingerprint).
     Returns `summarise` of the accuracies, plus 'untrained' (the same nets before training).
     """
     model = as_model(model_fn)
     if init_params is None:
         if distilled.init_params is not None:
             init_params = jax.tree.map(lambda a: jnp.asarray(a)[None], distilled.init_params)
+        elif distilled.init_regime == "random_pretrained":
+            pool = _distilled_pool(distilled, model, dataset)
+            regime = make_regime("random_pretrained", jax.random.PRNGKey(distilled.seed), model, None,
+                                 pool=pool.params, pool_eval_nets=distilled.pool["eval_nets"])
+            init_params = regime.eval_inits(n_nets or distilled.pool["eval_nets"])
         else:
             regime = make_regime(
                 "random", jax.random.PRNGKey(distilled.seed), model,
                 jnp.asarray(dataset.train_x[:1]), dist=distilled.init_dist, gain=distilled.init_gain,
             )
-            init_params = regime.eval_inits(n_nets)
+            init_params = regime.eval_inits(n_nets or 20)
     evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y)
     accs = evaluator(
         init_params, jnp.asarray(distilled.images), jnp.asarray(distilled.labels),
         jnp.asarray(distilled.step_sizes),
     )
     return {**summarise(accs), "untrained": summarise(evaluator.untrained(init_params))}
+
+
+def _distilled_pool(distilled, model, dataset) -> Pool:
+    """The pool `distilled` was made for, from the path it records, verified by fingerprint."""
+    record = distilled.pool or {}
+    try:
+        params, meta = load_pool(record["path"])
+    except (KeyError, DataError) as e:
+        raise DataError(
+            f"random_pretrained data is evaluated on its pool's held-out members, but its pool "
+            f"{record.get('path', '(not recorded)')} cannot be read ({e}); put the pool file there or "
+            "pass init_params=... explicitly"
+        ) from None
+    if meta["fingerprint"] != record["fingerprint"]:
+        raise DataError(
+            f"the pool at {record['path']} is not the one this data was distilled for (fingerprint "
+            f"{meta['fingerprint'][:12]}..., expected {record['fingerprint'][:12]}...); restore that "
+            "pool or pass init_params=... explicitly"
+        )
+    pool = Pool(params, meta, record["path"])
+    check_pool(pool, model, dataset)
+    return pool

@@ -2,9 +2,11 @@
 
 `run` dispatches on the config's `kind` through RUNNERS. The 'distill' kind is
 data -> distill -> evaluate -> outputs; its run directory holds config.json, metrics.jsonl,
-checkpoint.npz, distilled.npz, distilled.png and results.json. Every kind writes config.json
-and results.json (the keys `python -m experiments.report` reads: experiment, dataset,
-init_regime, images, test_acc, test_acc_std, eval_nets, distill_seconds, optionally rows).
+checkpoint.npz, distilled.npz, distilled.png and results.json. A 'pretrain_pool' run
+(`run_pool`) trains a pool of networks and holds config.json, pool.npz and results.json.
+Every kind writes config.json and results.json (the keys `python -m experiments.report` reads:
+experiment, dataset, init_regime, images, test_acc, test_acc_std, eval_nets, distill_seconds,
+optionally rows).
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ import jax
 from dd_jax.checkpoint import checkpoint_meta
 from dd_jax.data import Dataset, load_dataset
 from dd_jax.errors import ConfigError
-from dd_jax.evaluation import evaluate
-from dd_jax.models import get_model
+from dd_jax.evaluation import Evaluator, evaluate, summarise
+from dd_jax.models import as_model, get_model
 from dd_jax.outer import CHECKPOINT, METRICS, distill, validate_config
 from dd_jax.outputs import MetricsLog, save_distilled, save_image_grid, write_json
+from dd_jax.pretrain import POOL_FILE, save_pool, train_pool, validate_pool_config
 
 CONFIG = "config.json"
 RESULTS = "results.json"
@@ -34,6 +37,7 @@ RUNNERS: dict[str, str] = {
     "distill": "dd_jax.experiment:run_distillation",
     "baselines": "dd_jax.baselines:run_experiment",
     "linear": "dd_jax.linear:run_linear",
+    "pretrain_pool": "dd_jax.experiment:run_pool",
 }
 
 
@@ -113,6 +117,56 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
         "step_sizes": distilled.step_sizes.tolist(),
         "distill_seconds": checkpoint_meta(workdir / CHECKPOINT)["seconds"],
         "eval_seconds": time.perf_counter() - t1,
+        "machine": machine_info(),
+    }
+    if distilled.pool is not None:
+        results.update(_pretrained_rows(distilled, acc, results["distill_seconds"]))
+    write_json(workdir / RESULTS, results)
+    return results
+
+
+def _pretrained_rows(distilled, acc: dict, seconds: float) -> dict:
+    """results.json additions of a pretrained-regime run: the pool, and 'before' (the pool's
+    networks as they are) / 'after' (trained on the distilled data) rows."""
+    row = lambda method, a, s: {"method": method, "test_acc": a["mean"], "test_acc_std": a["std"],
+                                "eval_nets": a["n_nets"], "test_accs": a["accuracies"], "seconds": s}
+    return {"pool": distilled.pool, "pool_source": distilled.pool["dataset"],
+            "rows": [row("before", acc["untrained"], 0.0), row("after", acc, seconds)]}
+
+
+def run_pool(config, workdir: str | Path, *, name: str = "", resume: bool = False,
+             progress: bool = True) -> dict:
+    """Trains config.pool_size networks on the config's dataset; writes pool.npz (with each
+    network's test accuracy) and results.json (their mean +- std) into `workdir`."""
+    workdir = Path(workdir)
+    validate_pool_config(config)
+    if resume:
+        raise ConfigError("pool training keeps no checkpoint to resume; rerun without --resume "
+                          "(into a new --output_dir if this one holds a finished pool)")
+    dataset, model = load_data_and_model(config)
+    prepare_workdir(workdir, resume=False)
+    write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
+    t0 = time.perf_counter()
+    params, epoch_losses = train_pool(dataset, model, config, progress=progress)
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - t0
+    accs = Evaluator(as_model(model).apply, 1, dataset.test_x, dataset.test_y).untrained(params)
+    acc = summarise(accs)
+    train = {k: config[k] for k in ("pool_optimizer", "pool_lr", "pool_epochs", "pool_batch_size",
+                                    "beta1", "beta2", "init_dist", "init_gain", "seed", "train_subset")}
+    meta = save_pool(workdir / POOL_FILE, params, {
+        "dataset": config.dataset, "model": config.model, "num_classes": dataset.num_classes,
+        "image_shape": list(dataset.image_shape), "mean": list(dataset.mean), "std": list(dataset.std),
+        "train": train, "train_examples": int(len(dataset.train_y)), "test_examples": int(len(dataset.test_y)),
+        "test_accs": acc["accuracies"], "train_seconds": seconds,
+    })
+    results = {
+        "experiment": name, "kind": "pretrain_pool", "dataset": config.dataset, "init_regime": "random",
+        "images": int(len(dataset.train_y)), "test_examples": int(len(dataset.test_y)),
+        "test_acc": acc["mean"], "test_acc_std": acc["std"], "eval_nets": acc["n_nets"],
+        "test_accs": acc["accuracies"], "final_train_loss": float(epoch_losses[-1].mean()),
+        "pool_size": meta["pool_size"], "pool_path": str(workdir / POOL_FILE),
+        "fingerprint": meta["fingerprint"], "train": train, "distill_seconds": seconds,
         "machine": machine_info(),
     }
     write_json(workdir / RESULTS, results)

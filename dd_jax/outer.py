@@ -26,7 +26,9 @@ from dd_jax.errors import ConfigError, DivergedError
 from dd_jax.evaluation import Evaluator, summarise
 from dd_jax.meta import Learned, distilled_labels, init_learned, meta_loss
 from dd_jax.models import Model, as_model
-from dd_jax.regimes import DATA_STREAM, IMAGES_STREAM, INIT_DISTRIBUTIONS, InitRegime, make_regime
+from dd_jax.pretrain import Pool, pool_for_config, pool_path, pool_record
+from dd_jax.regimes import (DATA_STREAM, IMAGES_STREAM, INIT_DISTRIBUTIONS, INIT_REGIMES,
+                            PRETRAINED_REGIMES, InitRegime, make_regime)
 
 Params = Any
 CHECKPOINT = "checkpoint.npz"
@@ -38,7 +40,9 @@ class DistilledData:
     """The result: train a network by T = steps*epochs GD steps, step t on batch t mod steps.
 
     images (S, n, H, W, C) normalised; labels (S, n); step_sizes (T,); init_params is theta_0
-    for the fixed regime (None for random: draw from init_dist/init_gain, held-out via seed).
+    for the fixed regimes (None for random: draw from init_dist/init_gain, held-out via seed).
+    pool, for the pretrained regimes, records the pool it was made for (pretrain.pool_record:
+    path, fingerprint, dataset, pool_size, eval_nets).
     """
 
     images: np.ndarray
@@ -52,6 +56,7 @@ class DistilledData:
     init_gain: float
     seed: int
     init_params: Params | None = None
+    pool: dict | None = None
 
     @property
     def steps(self) -> int:
@@ -79,18 +84,28 @@ def validate_config(config) -> None:
             raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
     if config.iterations < 0:
         raise ConfigError(f"iterations must be >= 0 (0: passes x batches per pass), got {config.iterations}")
-    if config.init_regime not in ("fixed", "random"):
-        raise ConfigError(f"unknown init_regime {config.init_regime!r}; choose fixed or random")
+    if config.init_regime not in INIT_REGIMES:
+        raise ConfigError(f"unknown init_regime {config.init_regime!r}; choose one of: {', '.join(INIT_REGIMES)}")
     if config.init_dist not in (*INIT_DISTRIBUTIONS, "model"):
         raise ConfigError(
             f"unknown init_dist {config.init_dist!r}; choose one of: "
             f"{', '.join([*INIT_DISTRIBUTIONS, 'model'])}"
         )
-    if config.init_regime == "fixed" and config.n_nets != 1:
+    if config.init_regime in ("fixed", "fixed_pretrained") and config.n_nets != 1:
         raise ConfigError(
-            f"the fixed regime trains one known network, so n_nets must be 1 (got {config.n_nets}); "
-            "use --init_regime=random to average over initialisations"
+            f"the {config.init_regime} regime trains one known network, so n_nets must be 1 (got "
+            f"{config.n_nets}); use --init_regime={config.init_regime.replace('fixed', 'random')} "
+            "to average over initialisations"
         )
+    if config.init_regime == "random_pretrained":
+        for name in ("n_eval_nets", "n_eval_nets_during"):
+            if getattr(config, name) > config.pool_eval_nets:
+                raise ConfigError(
+                    f"{name}={getattr(config, name)} but only pool_eval_nets={config.pool_eval_nets} "
+                    f"pool members are held out for evaluation; set --{name} <= --pool_eval_nets"
+                )
+    if config.init_regime in PRETRAINED_REGIMES:
+        pool_path(config)  # raises if the run names no pool
 
 
 def make_optimizer(config, iters_per_pass: int) -> optax.GradientTransformation:
@@ -106,10 +121,11 @@ def make_meta_step(
     model: Model, regime: InitRegime, labels: jax.Array, optimizer: optax.GradientTransformation,
     epochs: int, remat: bool,
 ) -> Callable:
-    """Jitted (state, train_x, train_y, batch_idx) -> (state, meta-loss)."""
+    """Jitted (state, train_x, train_y, batch_idx, pool) -> (state, meta-loss); pool is
+    regime.pool (an argument, not a compiled-in constant)."""
 
-    def step(state: DistillState, train_x, train_y, batch_idx):
-        init_params = regime.train_inits(state.iteration)
+    def step(state: DistillState, train_x, train_y, batch_idx, pool):
+        init_params = regime.train_inits(state.iteration, pool)
         loss, grads = jax.value_and_grad(meta_loss)(
             state.learned, labels, init_params, train_x[batch_idx], train_y[batch_idx],
             apply_fn=model.apply, epochs=epochs, remat=remat,
@@ -152,11 +168,12 @@ class OuterLoop:
     meta_step: Callable
     train_x: jax.Array
     train_y: jax.Array
+    pool: Pool | None = None
 
     def step(self, state: DistillState, iteration: int) -> tuple[DistillState, jax.Array]:
         """One outer iteration on the real batch that `iteration` draws."""
         idx = jnp.asarray(self.batches(iteration))
-        return self.meta_step(state, self.train_x, self.train_y, idx)
+        return self.meta_step(state, self.train_x, self.train_y, idx, self.regime.pool)
 
 
 def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
@@ -165,9 +182,11 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
     model = as_model(model_fn)
     key = jax.random.PRNGKey(config.seed)
     train_x, train_y = jnp.asarray(dataset.train_x), jnp.asarray(dataset.train_y)
+    pool = pool_for_config(config, model, dataset) if config.init_regime in PRETRAINED_REGIMES else None
     regime = make_regime(
         config.init_regime, key, model, train_x[:1], n_nets=config.n_nets,
-        dist=config.init_dist, gain=config.init_gain,
+        dist=config.init_dist, gain=config.init_gain, pool=None if pool is None else pool.params,
+        pool_eval_nets=config.pool_eval_nets,
     )
     labels = distilled_labels(config.steps, config.images_per_class, dataset.num_classes)
     learned = init_learned(
@@ -181,7 +200,7 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
         total=config.iterations or config.passes * batches.per_pass,
         state=DistillState(learned, optimizer.init(learned), jnp.zeros((), jnp.int32)),
         meta_step=make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat),
-        train_x=train_x, train_y=train_y,
+        train_x=train_x, train_y=train_y, pool=pool,
     )
 
 
@@ -201,7 +220,7 @@ def distill(
     loop = build_outer_loop(dataset, model_fn, config)
     labels, total, state = loop.labels, loop.total, loop.state
     evaluator = Evaluator(loop.model.apply, config.epochs, dataset.test_x, dataset.test_y)
-    eval_inits = loop.regime.eval_inits(1 if config.init_regime == "fixed" else config.n_eval_nets_during)
+    eval_inits = loop.regime.eval_inits(1 if loop.regime.fixed_params is not None else config.n_eval_nets_during)
 
     ckpt = Path(workdir) / CHECKPOINT if workdir is not None else None
     elapsed = 0.0
@@ -257,6 +276,8 @@ def distill(
         init_dist=config.init_dist, init_gain=config.init_gain, seed=config.seed,
         init_params=None if loop.regime.fixed_params is None
         else jax.tree.map(np.asarray, loop.regime.fixed_params),
+        pool=None if loop.pool is None else pool_record(
+            loop.pool, config.pool_eval_nets if config.init_regime == "random_pretrained" else 0),
     )
 
 

@@ -60,6 +60,8 @@ def save_distilled(path: str | Path, d: DistilledData, model: str = "") -> None:
     }
     if d.init_params is not None:
         arrays.update(_flatten(d.init_params, "init/"))
+    if d.pool is not None:
+        arrays["pool"] = np.array(json.dumps(d.pool, sort_keys=True))
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -80,6 +82,7 @@ def load_distilled(path: str | Path) -> DistilledData:
         std=tuple(flat["std"].tolist()), init_regime=str(flat["init_regime"]),
         init_dist=str(flat["init_dist"]), init_gain=float(flat["init_gain"]),
         seed=int(flat["seed"]), init_params=_unflatten(flat, "init/"),
+        pool=json.loads(str(flat["pool"])) if "pool" in flat else None,
     )
 
 

@@ -19,7 +19,7 @@ from experiments.configs import EXPERIMENTS
 # Fields that shape the checkpointed state or its random streams: fixed for a run's lifetime.
 RUN_IDENTITY = ("dataset", "data_dir", "train_subset", "model", "init_regime", "init_dist",
                 "init_gain", "steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
-                "seed", "step_size_init")
+                "seed", "step_size_init", "pool_path", "pool_source", "pool_eval_nets")
 USAGE = "usage: python -m experiments.run NAME [--field=value ...] [--resume] [--quiet] | --list"
 
 
@@ -133,6 +133,10 @@ def summary(name: str, results: dict, workdir: Path) -> str:
     """What the CLI prints after a run: one line, plus one per row of a run with "rows"."""
     if "summary" in results:  # runs whose figure is not a test accuracy (linear_analysis)
         return f"{name}: {results['summary']}; outputs in {workdir}/"
+    if results.get("kind") == "pretrain_pool":
+        return (f"{name}: {results['pool_size']} networks trained on {results['dataset']}, test "
+                f"accuracy {accuracy_text(results)} ({results['test_examples']} test images, "
+                f"{results['distill_seconds']:.0f} s training); pool in {results['pool_path']}")
     if "rows" not in results:
         return (f"{name}: test accuracy {100 * results['untrained_acc']:.2f}% -> "
                 f"{accuracy_text(results)} ({results['test_examples']} test images, "
