@@ -46,4 +46,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.checkpoint_every = 200
     c.output_dir = ""  # '' = runs/<experiment name>
+    # scale-out (dd_jax.sharding): devices that split the initialisations and the real batch
+    c.devices = 1  # 0 = all available (on several hosts: all hosts' devices)
     return c

@@ -65,7 +65,7 @@ def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
     save_image_grid(workdir / "distilled.png", distilled)
 
     t1 = time.perf_counter()
-    acc = evaluate(distilled, dataset, model, n_nets=config.n_eval_nets)
+    acc = evaluate(distilled, dataset, model, n_nets=config.n_eval_nets, devices=config.devices)
     results = {
         "experiment": name,
         "dataset": config.dataset,

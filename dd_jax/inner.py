@@ -5,6 +5,7 @@ Step t trains on distilled batch ``t mod steps`` with its own step size eta_t:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -31,22 +32,47 @@ def unroll_schedule(images: jax.Array, labels: jax.Array, epochs: int) -> tuple[
     return jnp.tile(images, (epochs,) + (1,) * (images.ndim - 1)), jnp.tile(labels, (epochs, 1))
 
 
+def checkpointed_scan(step: Callable, carry: Any, xs: jax.Array) -> Any:
+    """``lax.scan(step, carry, xs)``'s final carry, in reverse mode holding about 2 sqrt(T)
+    carries (T = len(xs)) instead of every step's intermediates.
+
+    The T steps run as blocks of k = ceil(sqrt(T)) (the last T mod k steps on their own); each
+    block and each step is recomputed in the backward pass (jax.checkpoint), so the backward
+    pass stores the carry at each block start, then one block's carries, then one step's
+    intermediates. The price: every step's forward pass runs three times instead of once.
+    """
+    n = xs.shape[0]
+    k = math.isqrt(max(n - 1, 0)) + 1
+    blocks = n // k
+    step = jax.checkpoint(step)
+
+    def block(c, block_xs):
+        return jax.lax.scan(step, c, block_xs)[0], None
+
+    carry, _ = jax.lax.scan(jax.checkpoint(block), carry, xs[: blocks * k].reshape(blocks, k, *xs.shape[1:]))
+    return jax.lax.scan(step, carry, xs[blocks * k :])[0]
+
+
 def inner_train(
     apply_fn: ApplyFn, params: Params, images: jax.Array, labels: jax.Array,
     step_sizes: jax.Array, epochs: int, remat: bool = False,
 ) -> Params:
     """Trains from `params` on the distilled data; returns theta_T.
 
-    images (S, n, H, W, C), labels (S, n), step_sizes (S*epochs,). With ``remat`` each step is
-    recomputed in the backward pass, so reverse-mode memory holds only the T parameter sets.
+    images (S, n, H, W, C), labels (S, n), step_sizes (S*epochs,). With ``remat`` the steps
+    are recomputed in the backward pass (`checkpointed_scan`, step t reading batch t mod S),
+    so reverse-mode memory grows with sqrt(T) parameter sets, not with T steps' activations.
     """
-    xs, ys = unroll_schedule(images, labels, epochs)
 
     def step(p, batch):
         x, y, lr = batch
         return gd_step(apply_fn, p, x, y, lr), None
 
-    if remat:
-        step = jax.checkpoint(step)
-    params, _ = jax.lax.scan(step, params, (xs, ys, step_sizes))
-    return params
+    if not remat:
+        xs, ys = unroll_schedule(images, labels, epochs)
+        return jax.lax.scan(step, params, (xs, ys, step_sizes))[0]
+    steps = images.shape[0]
+    return checkpointed_scan(
+        lambda p, t: step(p, (images[t % steps], labels[t % steps], step_sizes[t])),
+        params, jnp.arange(steps * epochs),
+    )
