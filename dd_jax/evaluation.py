@@ -35,7 +35,8 @@ class Evaluator:
         n_chunks = mesh.size * -(-n // (chunk * mesh.size))
         chunk = -(-n // n_chunks)
         pad = n_chunks * chunk - n
-        x = np.concatenate([np.asarray(test_x, np.float32), np.zeros((pad, *test_x.shape[1:]), np.float32)])
+        x = np.concatenate([np.asarray(test_x, np.float32),
+                            np.zeros((pad, *test_x.shape[1:]), np.float32)])
         y = np.concatenate([np.asarray(test_y, np.int32), np.full((pad,), -1, np.int32)])
         split = NamedSharding(mesh, P(TEST))
         self._x = jax.device_put(x.reshape(n_chunks, chunk, *x.shape[1:]), split)

@@ -49,7 +49,8 @@ def checkpointed_scan(step: Callable, carry: Any, xs: jax.Array) -> Any:
     def block(c, block_xs):
         return jax.lax.scan(step, c, block_xs)[0], None
 
-    carry, _ = jax.lax.scan(jax.checkpoint(block), carry, xs[: blocks * k].reshape(blocks, k, *xs.shape[1:]))
+    blocked = xs[: blocks * k].reshape(blocks, k, *xs.shape[1:])
+    carry, _ = jax.lax.scan(jax.checkpoint(block), carry, blocked)
     return jax.lax.scan(step, carry, xs[blocks * k :])[0]
 
 
@@ -60,19 +61,20 @@ def inner_train(
     """Trains from `params` on the distilled data; returns theta_T.
 
     images (S, n, H, W, C), labels (S, n), step_sizes (S*epochs,). With ``remat`` the steps
-    are recomputed in the backward pass (`checkpointed_scan`, step t reading batch t mod S),
+    are recomputed in the backward pass (`checkpointed_scan`, step t indexing batch t mod S),
     so reverse-mode memory grows with sqrt(T) parameter sets, not with T steps' activations.
     """
+    xs, ys = unroll_schedule(images, labels, epochs)
 
     def step(p, batch):
         x, y, lr = batch
         return gd_step(apply_fn, p, x, y, lr), None
 
-    if not remat:
-        xs, ys = unroll_schedule(images, labels, epochs)
-        return jax.lax.scan(step, params, (xs, ys, step_sizes))[0]
-    steps = images.shape[0]
-    return checkpointed_scan(
-        lambda p, t: step(p, (images[t % steps], labels[t % steps], step_sizes[t])),
-        params, jnp.arange(steps * epochs),
-    )
+    if remat:  # steps index their batch: the tiled xs would be T batches in memory
+        steps = images.shape[0]
+        return checkpointed_scan(
+            lambda p, t: step(p, (images[t % steps], labels[t % steps], step_sizes[t])),
+            params, jnp.arange(steps * epochs),
+        )
+    params, _ = jax.lax.scan(step, params, (xs, ys, step_sizes))
+    return params

@@ -46,7 +46,8 @@ def test_sharded_meta_gradient_equals_one_device(four_devices, layout, mesh):
     for name in ("grad_images", "grad_raw_step_sizes"):
         expected = np.asarray(one[name])
         assert np.max(np.abs(expected)) > 1e-4  # a real gradient
-        np.testing.assert_allclose(four[name], expected, rtol=1e-4, atol=1e-6 * np.max(np.abs(expected)))
+        np.testing.assert_allclose(four[name], expected, rtol=1e-4,
+                                   atol=1e-6 * np.max(np.abs(expected)))
 
 
 def test_sharded_run_resume_and_evaluation_equal_one_device(four_devices):
@@ -151,3 +152,66 @@ def test_remat_meta_gradient_with_a_tail_equals_plain():
     for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
         assert float(jnp.max(jnp.abs(b))) > 1e-4
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- benchmarks' cores
+
+
+def _tiny(**fields):
+    """A short config for the tiny conv net on digits."""
+    from dd_jax.config import default_config
+
+    c = default_config()
+    c.update(dict(dataset="digits", real_batch_size=32, n_eval_nets_during=2, **fields))
+    return c
+
+
+def test_time_steps_counts_and_budget():
+    from benchmarks.common import markdown_table, time_steps
+
+    calls = []
+    step = lambda carry, it: (calls.append(it) or carry + 1, jnp.zeros(()))
+    timing = time_steps(step, 0, iterations=5, warmup=2)
+    assert calls == list(range(7)) and timing["carry"] == 7 and timing["iterations"] == 5
+    assert 0 <= timing["q1_s"] <= timing["median_s"] <= timing["q3_s"]
+    assert time_steps(step, 0, iterations=100, warmup=0, budget_s=0.0)["iterations"] == 1
+    assert markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+
+
+def test_memory_measure_smoke(digits28):
+    from benchmarks.memory import measure
+
+    row = measure(digits28, make_tiny_convnet(), _tiny())
+    assert row["T"] == 3 and row["remat"] is False and row["executed"] is True
+    assert row["xla_temp_mb"] > 0 and row["xla_argument_mb"] > 0 and np.isfinite(row["meta_loss"])
+    if row["rss_peak_delta_mb"] is not None:  # Linux
+        assert row["rss_peak_delta_mb"] >= 0 and row["ru_maxrss_mb"] >= row["rss_before_mb"]
+    skipped = measure(digits28, make_tiny_convnet(), _tiny(), max_run_bytes=0)
+    assert skipped["executed"] is False and skipped["rss_peak_delta_mb"] is None
+    assert skipped["xla_temp_mb"] == row["xla_temp_mb"]
+
+
+def test_n_nets_python_loop_equals_vmap(digits28):
+    from benchmarks.n_nets import check_same_updates
+
+    out = check_same_updates(digits28, make_tiny_convnet(), _tiny(init_regime="random", n_nets=2))
+    np.testing.assert_allclose(out["loop_losses"], out["vmap_losses"], rtol=1e-5)
+    assert len(out["vmap_losses"]) == 2
+    assert out["max_image_diff"] < 1e-4 and out["max_step_size_diff"] < 1e-6
+
+
+def test_time_to_accuracy_smoke(digits28, tmp_path):
+    from benchmarks.time_to_accuracy import plot, time_to_accuracy
+
+    seen = []
+    rows = time_to_accuracy(digits28, make_tiny_convnet(), _tiny(iterations=5), seconds=1e9,
+                            every=2, report=seen.append)
+    assert seen == rows and [r["iteration"] for r in rows] == [0, 2, 4, 5]
+    assert rows[0]["seconds"] == 0 and rows[0]["meta_loss"] is None
+    assert all(a["seconds"] < b["seconds"] for a, b in zip(rows, rows[1:]))
+    assert all(0 <= r["test_acc"] <= 1 and r["eval_nets"] == 1 for r in rows)
+    # a budget already spent stops after the first iteration
+    rows0 = time_to_accuracy(digits28, make_tiny_convnet(), _tiny(iterations=5), 0.0, 2)
+    assert [r["iteration"] for r in rows0] == [0, 1]
+    plot(rows, tmp_path / "curve.png", "smoke")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
