@@ -64,4 +64,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.pool_batch_size = 64
     c.pool_optimizer = "adam"  # 'adam' (beta1, beta2 above) or 'sgd' (plain), constant step size
     c.pool_lr = 1e-3
+    # scale-out (dd_jax.sharding): devices that split the initialisations and the real batch
+    c.devices = 1  # 0 = all available (on several hosts: all hosts' devices)
     return c

@@ -6,17 +6,19 @@ out from training. Reported as mean +- std over them.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dd_jax.inner import ApplyFn, inner_train
 from dd_jax.errors import DataError
 from dd_jax.models import as_model
 from dd_jax.pretrain import Pool, check_pool, load_pool
 from dd_jax.regimes import make_regime
+from dd_jax.sharding import TEST, eval_mesh, select_devices
 
 Params = Any
 
@@ -24,24 +26,33 @@ Params = Any
 class Evaluator:
     """Compiled once, then: accuracy on the whole test set of networks trained on distilled data.
 
-    test_x (N, H, W, C), test_y (N,) are split into chunks of `chunk` (the last one padded with
-    label -1, which never counts as correct).
+    test_x (N, H, W, C), test_y (N,) are split into equal chunks of at most `chunk` images (the
+    last one padded with label -1, which never counts as correct), the chunks evenly over
+    `devices` (default: the first device), each counting its hits (dd_jax.sharding).
     """
 
-    def __init__(self, apply_fn: ApplyFn, epochs: int, test_x, test_y, chunk: int = 2000):
+    def __init__(self, apply_fn: ApplyFn, epochs: int, test_x, test_y, chunk: int = 2000,
+                 devices: Sequence[jax.Device] | None = None):
+        mesh = eval_mesh(devices or jax.devices()[:1])
         n = len(test_y)
-        pad = -n % chunk
-        x = jnp.concatenate([jnp.asarray(test_x), jnp.zeros((pad, *test_x.shape[1:]), jnp.float32)])
-        y = jnp.concatenate([jnp.asarray(test_y, jnp.int32), jnp.full((pad,), -1, jnp.int32)])
-        self._x = x.reshape(-1, chunk, *x.shape[1:])
-        self._y = y.reshape(-1, chunk)
+        n_chunks = mesh.size * -(-n // (chunk * mesh.size))
+        chunk = -(-n // n_chunks)
+        pad = n_chunks * chunk - n
+        x = np.concatenate([np.asarray(test_x, np.float32),
+                            np.zeros((pad, *test_x.shape[1:]), np.float32)])
+        y = np.concatenate([np.asarray(test_y, np.int32), np.full((pad,), -1, np.int32)])
+        split = NamedSharding(mesh, P(TEST))
+        self._x = jax.device_put(x.reshape(n_chunks, chunk, *x.shape[1:]), split)
+        self._y = jax.device_put(y.reshape(n_chunks, chunk), split)
         self._n = n
 
-        def correct(params, x, y):
+        def count(params, x, y):
             hits = jax.lax.map(
                 lambda xy: jnp.sum(jnp.argmax(apply_fn(params, xy[0]), -1) == xy[1]), (x, y)
             )
-            return jnp.sum(hits)
+            return jax.lax.psum(jnp.sum(hits), TEST)
+
+        correct = jax.shard_map(count, mesh=mesh, in_specs=(P(), P(TEST), P(TEST)), out_specs=P())
 
         def train_and_count(params, images, labels, step_sizes, x, y):
             return correct(inner_train(apply_fn, params, images, labels, step_sizes, epochs), x, y)
@@ -79,7 +90,8 @@ def summarise(accs: np.ndarray) -> dict:
 
 
 def evaluate(
-    distilled, dataset, model_fn, init_params: Params | None = None, n_nets: int | None = None
+    distilled, dataset, model_fn, init_params: Params | None = None, n_nets: int | None = None,
+    devices: int = 1,
 ) -> dict:
     """Trains networks on `distilled` (a DistilledData) and tests them on dataset's test set.
 
@@ -88,6 +100,7 @@ def evaluate(
     distribution (the run's evaluation key stream, never used in training), random_pretrained
     `n_nets` (default all) of the pool members held out from training, read from the pool file
     the data was made for (distilled.pool['path'], checked against its fingerprint).
+    devices: how many devices split the test set (0 = all; see dd_jax.sharding).
     Returns `summarise` of the accuracies, plus 'untrained' (the same nets before training).
     """
     model = as_model(model_fn)
@@ -105,7 +118,8 @@ def evaluate(
                 jnp.asarray(dataset.train_x[:1]), dist=distilled.init_dist, gain=distilled.init_gain,
             )
             init_params = regime.eval_inits(n_nets or 20)
-    evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y)
+    evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y,
+                          devices=select_devices(devices))
     accs = evaluator(
         init_params, jnp.asarray(distilled.images), jnp.asarray(distilled.labels),
         jnp.asarray(distilled.step_sizes),

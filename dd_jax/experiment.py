@@ -99,7 +99,7 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     save_image_grid(workdir / "distilled.png", distilled)
 
     t1 = time.perf_counter()
-    acc = evaluate(distilled, dataset, model, n_nets=config.n_eval_nets)
+    acc = evaluate(distilled, dataset, model, n_nets=config.n_eval_nets, devices=config.devices)
     results = {
         "experiment": name,
         "dataset": config.dataset,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from dd_jax.checkpoint import restore_checkpoint, save_checkpoint
 from dd_jax.config import default_config
@@ -29,6 +30,7 @@ from dd_jax.models import Model, as_model
 from dd_jax.pretrain import Pool, pool_for_config, pool_path, pool_record
 from dd_jax.regimes import (DATA_STREAM, IMAGES_STREAM, INIT_DISTRIBUTIONS, INIT_REGIMES,
                             PRETRAINED_REGIMES, InitRegime, make_regime)
+from dd_jax.sharding import make_mesh, replicate, select_devices, sharded_meta_loss
 
 Params = Any
 CHECKPOINT = "checkpoint.npz"
@@ -82,6 +84,7 @@ def validate_config(config) -> None:
     for name in ["outer_lr", "step_size_init", "decay_factor", "init_gain"]:
         if not getattr(config, name) > 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
+    select_devices(config.devices)  # raises unless that many devices are available
     if config.iterations < 0:
         raise ConfigError(f"iterations must be >= 0 (0: passes x batches per pass), got {config.iterations}")
     if config.init_regime not in INIT_REGIMES:
@@ -119,14 +122,16 @@ def make_optimizer(config, iters_per_pass: int) -> optax.GradientTransformation:
 
 def make_meta_step(
     model: Model, regime: InitRegime, labels: jax.Array, optimizer: optax.GradientTransformation,
-    epochs: int, remat: bool,
+    epochs: int, remat: bool, mesh: Mesh | None = None,
 ) -> Callable:
     """Jitted (state, train_x, train_y, batch_idx, pool) -> (state, meta-loss); pool is
-    regime.pool (an argument, not a compiled-in constant)."""
+    regime.pool (an argument, not a compiled-in constant). With a ('nets', 'batch') `mesh`
+    (dd_jax.sharding), the meta-loss and its gradient are split over it."""
+    loss_fn = meta_loss if mesh is None else sharded_meta_loss(mesh)
 
     def step(state: DistillState, train_x, train_y, batch_idx, pool):
         init_params = regime.train_inits(state.iteration, pool)
-        loss, grads = jax.value_and_grad(meta_loss)(
+        loss, grads = jax.value_and_grad(loss_fn)(
             state.learned, labels, init_params, train_x[batch_idx], train_y[batch_idx],
             apply_fn=model.apply, epochs=epochs, remat=remat,
         )
@@ -169,6 +174,7 @@ class OuterLoop:
     train_x: jax.Array
     train_y: jax.Array
     pool: Pool | None = None
+    mesh: Mesh | None = None
 
     def step(self, state: DistillState, iteration: int) -> tuple[DistillState, jax.Array]:
         """One outer iteration on the real batch that `iteration` draws."""
@@ -177,7 +183,8 @@ class OuterLoop:
 
 
 def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
-    """Validates `config` and builds the regime, initial state and jitted meta-step."""
+    """Validates `config` and builds the regime, initial state and jitted meta-step; with
+    config.devices != 1, the state and training data replicated on the meta-step's mesh."""
     validate_config(config)
     model = as_model(model_fn)
     key = jax.random.PRNGKey(config.seed)
@@ -195,12 +202,18 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
     )
     batches = BatchOrder(jax.random.fold_in(key, DATA_STREAM), len(train_y), config.real_batch_size)
     optimizer = make_optimizer(config, batches.per_pass)
+    state = DistillState(learned, optimizer.init(learned), jnp.zeros((), jnp.int32))
+    devices = select_devices(config.devices)
+    mesh = make_mesh(devices, config.n_nets, batches.batch_size) if len(devices) > 1 else None
+    if mesh is not None:
+        state, train_x, train_y = replicate((state, train_x, train_y), mesh)
+        if regime.pool is not None:
+            regime = dataclasses.replace(regime, pool=replicate(regime.pool, mesh))
     return OuterLoop(
         model=model, regime=regime, labels=labels, batches=batches,
-        total=config.iterations or config.passes * batches.per_pass,
-        state=DistillState(learned, optimizer.init(learned), jnp.zeros((), jnp.int32)),
-        meta_step=make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat),
-        train_x=train_x, train_y=train_y, pool=pool,
+        total=config.iterations or config.passes * batches.per_pass, state=state,
+        meta_step=make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat, mesh),
+        train_x=train_x, train_y=train_y, pool=pool, mesh=mesh,
     )
 
 
@@ -219,7 +232,8 @@ def distill(
     config = _with_overrides(config, overrides)
     loop = build_outer_loop(dataset, model_fn, config)
     labels, total, state = loop.labels, loop.total, loop.state
-    evaluator = Evaluator(loop.model.apply, config.epochs, dataset.test_x, dataset.test_y)
+    evaluator = Evaluator(loop.model.apply, config.epochs, dataset.test_x, dataset.test_y,
+                          devices=None if loop.mesh is None else loop.mesh.devices.ravel().tolist())
     eval_inits = loop.regime.eval_inits(1 if loop.regime.fixed_params is not None else config.n_eval_nets_during)
 
     ckpt = Path(workdir) / CHECKPOINT if workdir is not None else None

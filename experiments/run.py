@@ -2,9 +2,11 @@
 
     python -m experiments.run --list
     python -m experiments.run mnist_fixed_init [--field=value ...] [--resume] [--quiet]
+                                               [--distributed]
 
 Any config field (see experiments/configs.py) can be overridden with --field=value.
-Results go to runs/<name>/ unless --output_dir is given.
+Results go to runs/<name>/ unless --output_dir is given. --distributed joins a multi-host run
+(jax.distributed.initialize; see dd_jax.sharding.init_distributed) - never needed on one host.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from experiments.configs import EXPERIMENTS
 RUN_IDENTITY = ("dataset", "data_dir", "train_subset", "model", "init_regime", "init_dist",
                 "init_gain", "steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
                 "seed", "step_size_init", "pool_path", "pool_source", "pool_eval_nets")
-USAGE = "usage: python -m experiments.run NAME [--field=value ...] [--resume] [--quiet] | --list"
+USAGE = ("usage: python -m experiments.run NAME [--field=value ...] [--resume] [--quiet] "
+         "[--distributed] | --list")
 
 
 def parse_value(field: str, text: str, default):
@@ -56,7 +59,7 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str], set[str]]:
     """argv -> (experiment name, {field: text}, switches such as 'resume')."""
     name, overrides, switches = None, {}, set()
     for arg in argv:
-        if arg in ("--list", "--resume", "--quiet", "--help", "-h"):
+        if arg in ("--list", "--resume", "--quiet", "--distributed", "--help", "-h"):
             switches.add(arg.lstrip("-"))
         elif arg.startswith("--"):
             field, eq, text = arg[2:].partition("=")
@@ -106,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         if name is None:
             raise ConfigError(f"no experiment named; {USAGE}; valid names: {', '.join(EXPERIMENTS)}")
         config, workdir = resolve_config(name, overrides, "resume" in switches)
+        if "distributed" in switches:
+            from dd_jax.sharding import init_distributed
+
+            init_distributed()
         from dd_jax.experiment import run
 
         results = run(config, workdir, name=name, resume="resume" in switches,

@@ -1,0 +1,73 @@
+"""What the benchmarks share: the machine and versions, timing of repeated steps, flags,
+markdown tables."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from typing import Any, Callable
+
+import jax
+import jaxlib
+import numpy as np
+
+from experiments.configs import EXPERIMENTS
+from experiments.run import apply_overrides, parse_args, parse_value
+
+
+def machine_info() -> dict:
+    """Platform, Python / jax / jaxlib versions, devices, CPU count and load average."""
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def time_steps(step: Callable[[Any, int], tuple[Any, Any]], carry: Any, iterations: int,
+               warmup: int = 3, budget_s: float = math.inf) -> dict:
+    """Wall seconds of ``carry, out = step(carry, it)`` (waiting for `out`), after `warmup`
+    untimed calls (compilation): median and quartiles over `iterations` calls, or over those
+    that fit in `budget_s` seconds (at least one). Also returns the final carry ('carry')."""
+    times: list[float] = []
+    for it in range(warmup + iterations):
+        t = time.perf_counter()
+        carry, out = step(carry, it)
+        jax.block_until_ready(out)
+        if it >= warmup:
+            times.append(time.perf_counter() - t)
+            if sum(times) >= budget_s:
+                break
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    return {"median_s": float(med), "q1_s": float(q1), "q3_s": float(q3),
+            "iterations": len(times), "carry": carry}
+
+
+def parse_flags(
+    argv: list[str], own: dict[str, Any],
+) -> tuple[list[str], dict[str, Any], dict[str, str]]:
+    """argv -> (experiment names, the benchmark's `own` flags converted to their defaults'
+    types, the remaining --field=value overrides for the experiment configs)."""
+    names = [a for a in argv if not a.startswith("--")]
+    _, overrides, _ = parse_args([a for a in argv if a.startswith("--")])
+    flags = {k: parse_value(k, overrides.pop(k), v) if k in overrides else v for k, v in own.items()}
+    return names, flags, overrides
+
+
+def experiment_config(name: str, overrides: dict[str, str]):
+    """The named experiment's config with --field=value overrides."""
+    return apply_overrides(EXPERIMENTS[name](), overrides)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    """A markdown table of `rows` (lists of cells) under `columns`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(machine: dict) -> str:
+    """One line naming the machine and versions, to print under a table."""
+    return (f"machine: {machine['platform']}, {machine['cpu_count']} CPUs "
+            f"(load {machine['load_avg_1m']}), devices {', '.join(machine['devices'])}; "
+            f"python {machine['python']}, jax {machine['jax']}, jaxlib {machine['jaxlib']}")

@@ -1,0 +1,117 @@
+"""Full-test accuracy against training wall time: runs an experiment's outer loop for a time
+budget and evaluates the distilled data every K iterations.
+
+    python -m benchmarks.time_to_accuracy mnist_fixed_init [--minutes=10] [--every=100]
+        [--out=DIR] [--plot=1] [--field=value ...]
+
+`seconds` is the outer loop's wall time: compilation and every outer step, not the evaluations
+(those pause the clock). The schedule is the config's own (its passes and decay), cut off at the
+budget. Prints one JSON line per evaluation and a markdown table; with --out, writes
+time_to_accuracy.json and time_to_accuracy.md there, and with --plot=1 also
+time_to_accuracy.png (matplotlib).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.common import (experiment_config, machine_info, machine_line, markdown_table,
+                               parse_flags)
+from dd_jax.evaluation import Evaluator, summarise
+from dd_jax.experiment import load_data_and_model
+from dd_jax.outer import build_outer_loop
+from dd_jax.outputs import write_json
+
+
+def time_to_accuracy(dataset, model_fn, config, seconds: float, every: int,
+                     report: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Trains (dataset, model_fn, config) until `seconds` of outer-loop wall time have passed
+    (or the config's schedule ends), evaluating at iteration 0, every `every` iterations and at the end. Rows:
+    {'iteration', 'seconds', 'test_acc', 'test_acc_std', 'eval_nets', 'meta_loss'}; `report`
+    gets each row as it is made."""
+    loop = build_outer_loop(dataset, model_fn, config)
+    evaluator = Evaluator(loop.model.apply, config.epochs, dataset.test_x, dataset.test_y,
+                          devices=None if loop.mesh is None else loop.mesh.devices.ravel().tolist())
+    eval_inits = loop.regime.eval_inits(1 if loop.regime.fixed_params is not None
+                                        else config.n_eval_nets_during)
+    rows: list[dict] = []
+
+    def evaluate(state, iteration: int, elapsed: float, loss: float | None) -> None:
+        learned = state.learned
+        acc = summarise(evaluator(eval_inits, learned.images, loop.labels, learned.step_sizes))
+        rows.append({"iteration": iteration, "seconds": elapsed, "test_acc": acc["mean"],
+                     "test_acc_std": acc["std"], "eval_nets": acc["n_nets"], "meta_loss": loss})
+        report(rows[-1])
+
+    state, elapsed = loop.state, 0.0
+    evaluate(state, 0, elapsed, None)
+    for it in range(loop.total):
+        t = time.perf_counter()
+        state, loss = loop.step(state, it)
+        loss = float(loss)
+        elapsed += time.perf_counter() - t
+        done = it + 1
+        if done % every == 0 or elapsed >= seconds or done == loop.total:
+            evaluate(state, done, elapsed, loss)
+        if elapsed >= seconds:
+            break
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Test accuracy (%) against seconds, with +- std where several nets were evaluated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = [r["seconds"] for r in rows]
+    acc = [100 * r["test_acc"] for r in rows]
+    std = [100 * r["test_acc_std"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(s, acc, marker="o", ms=3)
+    ax.fill_between(s, [a - d for a, d in zip(acc, std)], [a + d for a, d in zip(acc, std)], alpha=0.2)
+    ax.set_xlabel("outer-loop wall time (s)")
+    ax.set_ylabel("full test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    names, flags, overrides = parse_flags(
+        argv, {"minutes": 10.0, "every": 100, "out": "", "plot": False})
+    name = names[0] if names else "mnist_fixed_init"
+    config = experiment_config(name, overrides)
+    machine = machine_info()
+    show = lambda row: print(json.dumps({"experiment": name, **row}), flush=True)
+    rows = time_to_accuracy(*load_data_and_model(config), config, 60 * flags["minutes"],
+                            flags["every"], report=show)
+    table = markdown_table(
+        ["iteration", "seconds", "test accuracy %", "eval nets", "meta-loss"],
+        [[r["iteration"], f"{r['seconds']:.1f}",
+          f"{100 * r['test_acc']:.2f}"
+          + (f" +- {100 * r['test_acc_std']:.2f}" if r["eval_nets"] > 1 else ""),
+          r["eval_nets"], "" if r["meta_loss"] is None else f"{r['meta_loss']:.4f}"] for r in rows])
+    command = "python -m benchmarks.time_to_accuracy " + " ".join(argv if names else [name, *argv])
+    text = f"{table}\n\n{machine_line(machine)}\ncommand: {command}"
+    print()
+    print(text)
+    if flags["out"]:
+        out = Path(flags["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "time_to_accuracy.json", {"experiment": name, "command": command,
+                                                   "config": config.to_dict(), "rows": rows,
+                                                   "machine": machine})
+        (out / "time_to_accuracy.md").write_text(text + "\n")
+        if flags["plot"]:
+            plot(rows, out / "time_to_accuracy.png", f"{name}: test accuracy vs time")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

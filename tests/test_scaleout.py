@@ -1,0 +1,217 @@
+"""Scale-out: 4 simulated devices give the 1-device results; the `devices` flag's errors; the
+sqrt-checkpointed inner loop (equal gradients, memory that does not grow with T)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_tiny_convnet, make_tiny_mlp
+from dd_jax.errors import ConfigError
+from dd_jax.inner import checkpointed_scan, inner_train
+from dd_jax.meta import Learned, meta_loss
+from dd_jax.models import as_model
+from dd_jax.sharding import make_mesh, select_devices
+from test_cli import assert_one_line_error, call_main
+
+
+# --------------------------------------------------------------------------- several devices
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory) -> dict:
+    """tests/multidevice_check.py's report (4 simulated CPU devices need their own process)."""
+    out = tmp_path_factory.mktemp("multidevice")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "multidevice_check.py"), str(out)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("layout, mesh", [("nets", {"nets": 4, "batch": 1}),
+                                          ("nets_and_batch", {"nets": 2, "batch": 2})])
+def test_sharded_meta_gradient_equals_one_device(four_devices, layout, mesh):
+    assert four_devices["device_count"] == 4
+    one, four = (four_devices["gradients"][layout][k] for k in ("one", "four"))
+    assert one["mesh"] is None and four["mesh"] == mesh
+    np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-6)
+    for name in ("grad_images", "grad_raw_step_sizes"):
+        expected = np.asarray(one[name])
+        assert np.max(np.abs(expected)) > 1e-4  # a real gradient
+        np.testing.assert_allclose(four[name], expected, rtol=1e-4,
+                                   atol=1e-6 * np.max(np.abs(expected)))
+
+
+def test_sharded_run_resume_and_evaluation_equal_one_device(four_devices):
+    one, all_ = four_devices["runs"]["one"], four_devices["runs"]["all"]
+    assert len(one["losses"]) == len(all_["losses"]) == 3  # 2 iterations, then 1 after --resume
+    np.testing.assert_allclose(all_["losses"], one["losses"], rtol=1e-5)
+    # Adam's first steps move every pixel by about lr = 0.01, whatever the gradient's size
+    np.testing.assert_allclose(all_["images"], one["images"], atol=1e-4)
+    assert np.max(np.abs(np.asarray(all_["images"]))) > 1
+    np.testing.assert_allclose(all_["step_sizes"], one["step_sizes"], rtol=1e-5)
+    # test-set accuracies are counts: the same on 4 devices (8 test images each, 2 padding)
+    assert all_["test_accs"] == one["test_accs"] and len(one["test_accs"]) == 3
+    assert all_["untrained_accs"] == one["untrained_accs"]
+
+
+def test_devices_flag_errors(tmp_path):
+    n = jax.device_count()
+    for value in (n + 1, -1):
+        rc, _, err = call_main(["mnist_fixed_init", "--dataset=digits", f"--devices={value}",
+                                f"--output_dir={tmp_path}"])
+        assert_one_line_error(rc, err, f"devices={value}", f"{n} cpu device(s) are available",
+                              "--devices=0")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    assert select_devices(0) == jax.devices() and select_devices(1) == jax.devices()[:1]
+
+
+def test_mesh_needs_a_divisible_real_batch():
+    three = [jax.devices()[0]] * 3  # only the count matters before the mesh is built
+    with pytest.raises(ConfigError, match="real batch of 1000, which is not divisible by 3"):
+        make_mesh(three, n_nets=4, batch_size=1000)
+    with pytest.raises(ConfigError, match="not divisible by 2"):
+        make_mesh(three[:2], n_nets=1, batch_size=7)
+
+
+def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path, monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+                 "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    rc, _, err = call_main(["mnist_fixed_init", "--distributed", f"--output_dir={tmp_path}"])
+    assert_one_line_error(rc, err, "--distributed", "JAX_COORDINATOR_ADDRESS")
+
+
+# --------------------------------------------------------------------------- remat
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 16])
+def test_checkpointed_scan_equals_scan(length):
+    """Blocks of ceil(sqrt(T)) steps plus a tail: the same carry and gradient as one scan."""
+    xs = jnp.linspace(-1.0, 1.0, length)
+    step = lambda c, x: (jnp.sin(c * x) + c * 0.9, None)
+    blocked = lambda c: checkpointed_scan(step, c, xs)
+    plain = lambda c: jax.lax.scan(step, c, xs)[0]
+    for f in (lambda g: g, jax.grad):
+        np.testing.assert_allclose(float(jax.jit(f(blocked))(0.3)), float(jax.jit(f(plain))(0.3)),
+                                   rtol=1e-5)
+
+
+def _meta_gradient_temp_bytes(model, steps: int, epochs: int, remat: bool) -> int:
+    """XLA's temporary buffer bytes for the meta-gradient of `model` trained by T = steps x
+    epochs GD steps on 64 8x8 images per step."""
+    x = jnp.zeros((steps, 64, 8, 8, 1))
+    labels = jnp.zeros((steps, 64), jnp.int32)
+    init = jax.tree.map(lambda a: a[None], model.init(jax.random.PRNGKey(0), x[0]))
+
+    def loss(images, raw):
+        return meta_loss(Learned(images, raw), labels, init, x[0], labels[0],
+                         apply_fn=model.apply, epochs=epochs, remat=remat)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return grad.lower(x, jnp.zeros((steps * epochs,))).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_remat_memory_does_not_grow_with_the_unroll():
+    """T = 10 -> 250 for a conv net, whose activations outweigh its parameters (as LeNet's do):
+    with remat XLA's temporary memory stays within 1.5x; without, it grows with T."""
+    model = as_model(make_tiny_convnet())
+    temp = {(t, r): _meta_gradient_temp_bytes(model, 10, t // 10, r)
+            for t in (10, 250) for r in (False, True)}
+    assert temp[250, True] <= 1.5 * temp[10, True], temp
+    assert temp[250, False] >= 10 * temp[10, False], temp
+
+
+def test_remat_meta_gradient_with_a_tail_equals_plain():
+    """T = 7 (blocks of 3 and a 1-step tail): remat's meta-gradient is the plain one."""
+    model = as_model(make_tiny_mlp(hidden=6, num_classes=4))
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=(7, 8, 4, 4, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, size=(7, 8)), jnp.int32)
+    theta0 = model.init(jax.random.PRNGKey(0), images[0])
+    etas = jnp.asarray(rng.uniform(0.05, 0.5, size=7), jnp.float32)
+
+    @jax.jit
+    def grads(images, etas):
+        out = []
+        for remat in (False, True):
+            f = lambda im, e: jnp.sum(jax.tree.leaves(inner_train(
+                model.apply, theta0, im, labels, e, 1, remat=remat))[0] ** 2)
+            out.append(jax.grad(f, argnums=(0, 1))(images, etas))
+        return out
+
+    plain, remat = grads(images, etas)
+    for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
+        assert float(jnp.max(jnp.abs(b))) > 1e-4
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- benchmarks' cores
+
+
+def _tiny(**fields):
+    """A short config for the tiny conv net on digits."""
+    from dd_jax.config import default_config
+
+    c = default_config()
+    c.update(dict(dataset="digits", real_batch_size=32, n_eval_nets_during=2, **fields))
+    return c
+
+
+def test_time_steps_counts_and_budget():
+    from benchmarks.common import markdown_table, time_steps
+
+    calls = []
+    step = lambda carry, it: (calls.append(it) or carry + 1, jnp.zeros(()))
+    timing = time_steps(step, 0, iterations=5, warmup=2)
+    assert calls == list(range(7)) and timing["carry"] == 7 and timing["iterations"] == 5
+    assert 0 <= timing["q1_s"] <= timing["median_s"] <= timing["q3_s"]
+    assert time_steps(step, 0, iterations=100, warmup=0, budget_s=0.0)["iterations"] == 1
+    assert markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+
+
+def test_memory_measure_smoke(digits28):
+    from benchmarks.memory import measure
+
+    row = measure(digits28, make_tiny_convnet(), _tiny())
+    assert row["T"] == 3 and row["remat"] is False and row["executed"] is True
+    assert row["xla_temp_mb"] > 0 and row["xla_argument_mb"] > 0 and np.isfinite(row["meta_loss"])
+    if row["rss_peak_delta_mb"] is not None:  # Linux
+        assert row["rss_peak_delta_mb"] >= 0 and row["ru_maxrss_mb"] >= row["rss_before_mb"]
+    skipped = measure(digits28, make_tiny_convnet(), _tiny(), max_run_bytes=0)
+    assert skipped["executed"] is False and skipped["rss_peak_delta_mb"] is None
+    assert skipped["xla_temp_mb"] == row["xla_temp_mb"]
+
+
+def test_n_nets_python_loop_equals_vmap(digits28):
+    from benchmarks.n_nets import check_same_updates
+
+    out = check_same_updates(digits28, make_tiny_convnet(), _tiny(init_regime="random", n_nets=2))
+    np.testing.assert_allclose(out["loop_losses"], out["vmap_losses"], rtol=1e-5)
+    assert len(out["vmap_losses"]) == 2
+    assert out["max_image_diff"] < 1e-4 and out["max_step_size_diff"] < 1e-6
+
+
+def test_time_to_accuracy_smoke(digits28, tmp_path):
+    from benchmarks.time_to_accuracy import plot, time_to_accuracy
+
+    seen = []
+    rows = time_to_accuracy(digits28, make_tiny_convnet(), _tiny(iterations=5), seconds=1e9,
+                            every=2, report=seen.append)
+    assert seen == rows and [r["iteration"] for r in rows] == [0, 2, 4, 5]
+    assert rows[0]["seconds"] == 0 and rows[0]["meta_loss"] is None
+    assert all(a["seconds"] < b["seconds"] for a, b in zip(rows, rows[1:]))
+    assert all(0 <= r["test_acc"] <= 1 and r["eval_nets"] == 1 for r in rows)
+    # a budget already spent stops after the first iteration
+    rows0 = time_to_accuracy(digits28, make_tiny_convnet(), _tiny(iterations=5), 0.0, 2)
+    assert [r["iteration"] for r in rows0] == [0, 1]
+    plot(rows, tmp_path / "curve.png", "smoke")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
