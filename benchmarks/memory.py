@@ -82,7 +82,7 @@ def measure(dataset, model_fn, config, max_run_bytes: float = float("inf")) -> d
     execution, so no buffer of an earlier one is reused) and measures the peak resident memory
     above the resident memory just before. Sizes in MiB."""
     loop = build_outer_loop(dataset, model_fn, config)
-    args = (loop.state, loop.train_x, loop.train_y, jnp.asarray(loop.batches(0)))
+    args = (loop.state, loop.train_x, loop.train_y, jnp.asarray(loop.batches(0)), loop.regime.pool)
     compiled = loop.meta_step.lower(*args).compile()
     analysis = compiled.memory_analysis()
     row = {
