@@ -19,6 +19,7 @@ from dd_jax.evaluation import evaluate
 from dd_jax.models import get_model
 from dd_jax.outer import CHECKPOINT, METRICS, distill, validate_config
 from dd_jax.outputs import MetricsLog, save_distilled, save_image_grid, write_json
+from dd_jax.poison import poison_results
 
 CONFIG = "config.json"
 RESULTS = "results.json"
@@ -86,5 +87,7 @@ def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
         "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
                     "jax": jax.__version__},
     }
+    if config.poison_class >= 0:
+        results.update(poison_results(distilled, dataset, model, config, results["distill_seconds"]))
     write_json(workdir / RESULTS, results)
     return results

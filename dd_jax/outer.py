@@ -26,6 +26,7 @@ from dd_jax.errors import ConfigError, DivergedError
 from dd_jax.evaluation import Evaluator, summarise
 from dd_jax.meta import Learned, distilled_labels, init_learned, meta_loss
 from dd_jax.models import Model, as_model
+from dd_jax.poison import check_poison, poison_labels
 from dd_jax.regimes import DATA_STREAM, IMAGES_STREAM, INIT_DISTRIBUTIONS, InitRegime, make_regime
 
 Params = Any
@@ -141,7 +142,10 @@ class BatchOrder:
 
 @dataclasses.dataclass
 class OuterLoop:
-    """Everything one run's outer loop needs, built from (dataset, model, config)."""
+    """Everything one run's outer loop needs, built from (dataset, model, config).
+
+    train_y holds the meta-objective's targets: the real labels, poisoned if configured.
+    """
 
     model: Model
     regime: InitRegime
@@ -162,9 +166,12 @@ class OuterLoop:
 def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
     """Validates `config` and builds the regime, initial state and jitted meta-step."""
     validate_config(config)
+    check_poison(config.poison_class, config.poison_target, dataset.num_classes, dataset.test_y)
     model = as_model(model_fn)
     key = jax.random.PRNGKey(config.seed)
-    train_x, train_y = jnp.asarray(dataset.train_x), jnp.asarray(dataset.train_y)
+    # the meta-objective's targets: the real labels, class K relabelled T when poisoning
+    train_x = jnp.asarray(dataset.train_x)
+    train_y = poison_labels(jnp.asarray(dataset.train_y), config.poison_class, config.poison_target)
     regime = make_regime(
         config.init_regime, key, model, train_x[:1], n_nets=config.n_nets,
         dist=config.init_dist, gain=config.init_gain,

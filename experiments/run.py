@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: test accuracy {100 * results['untrained_acc']:.2f}% -> {acc} "
           f"({results['test_examples']} test images, {results['distill_seconds']:.0f} s distilling); "
           f"outputs in {workdir}/")
+    if "poison_class" in results:
+        before, after = results["rows"][0], results["rows"][1]
+        print(f"poisoning: class {results['poison_class']} predicted as {results['poison_target']} "
+              f"{100 * before['attack_success']:.2f}% -> {100 * after['attack_success']:.2f}%, "
+              f"other classes' accuracy {100 * before['other_class_acc']:.2f}% -> "
+              f"{100 * after['other_class_acc']:.2f}%")
     return 0
 
 
