@@ -1,7 +1,7 @@
 """A whole run, as `python -m experiments.run` does it: data -> distill -> evaluate -> outputs.
 
 A run directory holds config.json, metrics.jsonl, checkpoint.npz, distilled.npz,
-distilled.png and results.json.
+distilled.png and results.json (a poisoning run also poisoning.png).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dd_jax.evaluation import evaluate
 from dd_jax.models import get_model
 from dd_jax.outer import CHECKPOINT, METRICS, distill, validate_config
 from dd_jax.outputs import MetricsLog, save_distilled, save_image_grid, write_json
-from dd_jax.poison import poison_results
+from dd_jax.poison import poison_results, save_poison_chart
 
 CONFIG = "config.json"
 RESULTS = "results.json"
@@ -89,5 +89,6 @@ def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
     }
     if config.poison_class >= 0:
         results.update(poison_results(distilled, dataset, model, config, results["distill_seconds"]))
+        save_poison_chart(workdir / "poisoning.png", results)
     write_json(workdir / RESULTS, results)
     return results

@@ -218,7 +218,7 @@ def test_poisoning_run_through_the_cli(tmp_path):
     assert rc == 0, stderr
     assert "poisoning: class 0 predicted as 1" in stdout
     assert {"config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png",
-            "results.json"} <= {p.name for p in out.iterdir()}
+            "results.json", "poisoning.png"} <= {p.name for p in out.iterdir()}
     r = json.loads((out / "results.json").read_text())
     assert (r["experiment"], r["poison_class"], r["poison_target"]) == ("mnist_poison", 0, 1)
     assert r["steps"] == 1 and r["epochs"] == 1 and r["images"] == 10
