@@ -9,10 +9,11 @@ from dd_jax.errors import ConfigError, DataError, DDJaxError, DivergedError
 from dd_jax.evaluation import evaluate
 from dd_jax.inner import inner_train
 from dd_jax.meta import Learned, meta_loss
-from dd_jax.models import LeNet, Model, as_model
+from dd_jax.models import AlexCifarNet, LeNet, Model, as_model
 from dd_jax.outer import DistilledData, distill
 from dd_jax.outputs import load_distilled, save_distilled
 from dd_jax.pretrain import load_pool, save_pool, train_pool
+from dd_jax.poison import evaluate_poison, poison_labels
 from dd_jax.regimes import INIT_DISTRIBUTIONS, make_regime, sample_init, sample_inits
 
 __all__ = [
@@ -21,4 +22,6 @@ __all__ = [
     "inner_train", "load_dataset", "load_distilled", "make_regime", "meta_loss", "sample_init",
     "sample_inits", "save_distilled",
     "load_pool", "save_pool", "train_pool",  # pretrained networks
+    # poisoning and CIFAR-10 (branch poison_cifar)
+    "AlexCifarNet", "evaluate_poison", "poison_labels",
 ]

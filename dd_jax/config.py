@@ -39,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.decay_passes = 40
     c.decay_factor = 0.5
     c.seed = 0
+    # data poisoning (dd_jax.poison): the meta-objective's real labels K -> T
+    c.poison_class = -1  # K: the attacked class (-1 = off, plain distillation)
+    c.poison_target = -1  # T: the class that K is to be predicted as
     # evaluation, logging, checkpoints
     c.n_eval_nets = 20  # held-out initialisations for the final random-regime evaluation
     c.n_eval_nets_during = 4  # ... for the periodic evaluation while training

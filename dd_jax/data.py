@@ -30,9 +30,14 @@ MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-# (mean, std) per channel of [0, 1] pixels, as the authors' code normalises.
-NORMALISATION = {"mnist": ((0.1307,), (0.3081,)), "digits": ((0.1307,), (0.3081,)),
-                 "usps": ((0.1307,), (0.3081,))}
+# (mean, std) per channel of [0, 1] pixels, as the authors' code normalises; a tfds dataset not
+# listed here is normalised with its training split's own per-channel statistics.
+NORMALISATION = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "digits": ((0.1307,), (0.3081,)),
+    "usps": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+}
 USPS_DIR = Path("data") / "usps"
 USPS_FILES = {"train": "usps.bz2", "test": "usps.t.bz2"}  # LIBSVM multiclass 'usps'
 USPS_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass/"
@@ -274,8 +279,10 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
     train_px, train_y, test_px, test_y, num_classes = _tfds_arrays(name, data_dir)
     train_px = train_px.astype(np.float32) / 255.0
     test_px = test_px.astype(np.float32) / 255.0
-    mean = tuple(float(m) for m in train_px.mean(axis=(0, 1, 2)))
-    std = tuple(float(s) for s in train_px.std(axis=(0, 1, 2)))
+    mean, std = NORMALISATION.get(name) or (
+        tuple(float(m) for m in train_px.mean(axis=(0, 1, 2))),
+        tuple(float(s) for s in train_px.std(axis=(0, 1, 2))),
+    )
     return Dataset(
         name, normalise(train_px, mean, std), train_y.astype(np.int32),
         normalise(test_px, mean, std), test_y.astype(np.int32), num_classes, mean, std,

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dd_jax.inner import ApplyFn, inner_train
 from dd_jax.errors import DataError
-from dd_jax.models import as_model
+from dd_jax.models import Model, as_model
 from dd_jax.pretrain import Pool, check_pool, load_pool
 from dd_jax.regimes import make_regime
 from dd_jax.sharding import TEST, eval_mesh, select_devices
@@ -57,8 +57,16 @@ class Evaluator:
         def train_and_count(params, images, labels, step_sizes, x, y):
             return correct(inner_train(apply_fn, params, images, labels, step_sizes, epochs), x, y)
 
+        def predict(params, x):
+            return jax.lax.map(lambda xc: jnp.argmax(apply_fn(params, xc), -1), x).reshape(-1)
+
+        def train_and_predict(params, images, labels, step_sizes, x):
+            return predict(inner_train(apply_fn, params, images, labels, step_sizes, epochs), x)
+
         self._correct = jax.jit(correct)
         self._train_and_count = jax.jit(train_and_count)
+        self._predict = jax.jit(predict)
+        self._train_and_predict = jax.jit(train_and_predict)
 
     def untrained(self, init_params: Params) -> np.ndarray:
         """Accuracy of each theta_0 (leading axis) before any training."""
@@ -72,6 +80,16 @@ class Evaluator:
             int(self._train_and_count(p, images, labels, step_sizes, self._x, self._y)) / self._n
             for p in _unstack(init_params)
         ])
+
+    def predictions(self, init_params: Params, images=None, labels=None, step_sizes=None) -> np.ndarray:
+        """(n_nets, N) predicted class of every test image by each theta_0 (leading axis): as it
+        is, or after training on (images, labels, step_sizes) when they are given."""
+        if images is None:
+            preds = [self._predict(p, self._x) for p in _unstack(init_params)]
+        else:
+            preds = [self._train_and_predict(p, images, labels, step_sizes, self._x)
+                     for p in _unstack(init_params)]
+        return np.stack([np.asarray(p)[: self._n] for p in preds])
 
 
 def _unstack(tree: Params) -> list[Params]:
@@ -87,6 +105,26 @@ def summarise(accs: np.ndarray) -> dict:
         "n_nets": int(len(accs)),
         "accuracies": [float(a) for a in accs],
     }
+
+
+def default_eval_inits(distilled, dataset, model: Model, n_nets: int | None) -> Params:
+    """The theta_0 (leading axis) that `distilled` is tested from: its own theta_0 for the fixed
+    regimes; for random, `n_nets` (default 20) held-out draws of its distribution (the run's
+    evaluation key stream, never used in training); for random_pretrained, `n_nets` (default
+    all) of the pool members held out from training, read from the pool file the data was made
+    for (distilled.pool['path'], checked against its fingerprint)."""
+    if distilled.init_params is not None:
+        return jax.tree.map(lambda a: jnp.asarray(a)[None], distilled.init_params)
+    if distilled.init_regime == "random_pretrained":
+        pool = _distilled_pool(distilled, model, dataset)
+        regime = make_regime("random_pretrained", jax.random.PRNGKey(distilled.seed), model, None,
+                             pool=pool.params, pool_eval_nets=distilled.pool["eval_nets"])
+        return regime.eval_inits(n_nets or distilled.pool["eval_nets"])
+    regime = make_regime(
+        "random", jax.random.PRNGKey(distilled.seed), model,
+        jnp.asarray(dataset.train_x[:1]), dist=distilled.init_dist, gain=distilled.init_gain,
+    )
+    return regime.eval_inits(n_nets or 20)
 
 
 def evaluate(
@@ -105,19 +143,7 @@ def evaluate(
     """
     model = as_model(model_fn)
     if init_params is None:
-        if distilled.init_params is not None:
-            init_params = jax.tree.map(lambda a: jnp.asarray(a)[None], distilled.init_params)
-        elif distilled.init_regime == "random_pretrained":
-            pool = _distilled_pool(distilled, model, dataset)
-            regime = make_regime("random_pretrained", jax.random.PRNGKey(distilled.seed), model, None,
-                                 pool=pool.params, pool_eval_nets=distilled.pool["eval_nets"])
-            init_params = regime.eval_inits(n_nets or distilled.pool["eval_nets"])
-        else:
-            regime = make_regime(
-                "random", jax.random.PRNGKey(distilled.seed), model,
-                jnp.asarray(dataset.train_x[:1]), dist=distilled.init_dist, gain=distilled.init_gain,
-            )
-            init_params = regime.eval_inits(n_nets or 20)
+        init_params = default_eval_inits(distilled, dataset, model, n_nets)
     evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y,
                           devices=select_devices(devices))
     accs = evaluator(

@@ -6,7 +6,7 @@ checkpoint.npz, distilled.npz, distilled.png and results.json. A 'pretrain_pool'
 (`run_pool`) trains a pool of networks and holds config.json, pool.npz and results.json.
 Every kind writes config.json and results.json (the keys `python -m experiments.report` reads:
 experiment, dataset, init_regime, images, test_acc, test_acc_std, eval_nets, distill_seconds,
-optionally rows).
+optionally rows). A poisoning run also writes poisoning.png.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from dd_jax.models import as_model, get_model
 from dd_jax.outer import CHECKPOINT, METRICS, distill, validate_config
 from dd_jax.outputs import MetricsLog, save_distilled, save_image_grid, write_json
 from dd_jax.pretrain import POOL_FILE, save_pool, train_pool, validate_pool_config
+from dd_jax.poison import poison_results, save_poison_chart
 
 CONFIG = "config.json"
 RESULTS = "results.json"
@@ -121,6 +122,9 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     }
     if distilled.pool is not None:
         results.update(_pretrained_rows(distilled, acc, results["distill_seconds"]))
+    if config.poison_class >= 0:
+        results.update(poison_results(distilled, dataset, model, config, results["distill_seconds"]))
+        save_poison_chart(workdir / "poisoning.png", results)
     write_json(workdir / RESULTS, results)
     return results
 

@@ -1,4 +1,4 @@
-"""Stage 2 - the network: LeNet as in the paper, and the `Model` init/apply pair.
+"""Stage 2 - the network: LeNet and AlexCifarNet as in the paper, and the `Model` init/apply pair.
 
 `model_fn`, wherever the library takes one, is either a Flax module (anything with
 ``init(key, x) -> variables`` and ``apply(variables, x) -> logits``, variables holding only
@@ -7,6 +7,7 @@ outputs are logits of shape (N, num_classes).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -116,6 +117,16 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def conv5x5(kind: str, features: int, padding: int, name: str, model: str) -> nn.Module:
+    """A 5x5 stride-1 convolution layer of kind ``'toeplitz'`` (`ToeplitzConv`) or ``'xla'``
+    (``flax.linen.Conv``): the same function with the same parameters."""
+    if kind == "toeplitz":
+        return ToeplitzConv(features, (5, 5), padding, name=name)
+    if kind == "xla":
+        return nn.Conv(features, (5, 5), padding=padding, name=name)
+    raise ConfigError(f"{model} conv must be one of {', '.join(CONVS)}; got {kind!r}")
+
+
 class LeNet(nn.Module):
     """LeNet-5 of the paper: conv5x5-6, pool, conv5x5-16, pool, fc120, fc84, fc(classes), ReLU.
 
@@ -129,15 +140,13 @@ class LeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.conv not in CONVS:
-            raise ConfigError(f"LeNet conv must be one of {', '.join(CONVS)}; got {self.conv!r}")
         pad = 2 if x.shape[1] == 28 else 0
 
         def conv_pool(x, features, padding, name):
             """max_pool_2x2(conv(x)): with relu after it, the same as pooling relu(conv(x))."""
             if self.conv == "toeplitz":
                 return ToeplitzConv(features, (5, 5), padding, pool=True, name=name)(x)
-            return max_pool_2x2(nn.Conv(features, (5, 5), padding=padding, name=name)(x))
+            return max_pool_2x2(conv5x5(self.conv, features, padding, name, "LeNet")(x))
 
         x = nn.relu(conv_pool(x, 6, pad, "conv1"))
         x = nn.relu(conv_pool(x, 16, 0, "conv2"))
@@ -147,7 +156,52 @@ class LeNet(nn.Module):
         return nn.Dense(self.num_classes, name="fc3")(x)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet}
+def max_pool_3x3_s2_p1(x: jax.Array) -> jax.Array:
+    """3x3 max pooling, stride 2, padding 1 (PyTorch ``MaxPool2d(3, 2, 1)``: the padding never
+    wins), as the max of 9 strided slices; (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C)."""
+    n, h, w, c = x.shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    windows = [x[:, i : i + 2 * ho - 1 : 2, j : j + 2 * wo - 1 : 2, :]
+               for i in range(3) for j in range(3)]
+    return functools.reduce(jnp.maximum, windows)
+
+
+def local_response_norm(
+    x: jax.Array, size: int = 4, alpha: float = 0.001 / 9.0, beta: float = 0.75, k: float = 1.0
+) -> jax.Array:
+    """PyTorch's ``LocalResponseNorm(size, alpha, beta, k)`` across channels of NHWC `x`:
+    x_c / (k + alpha * mean of x_{c'}^2 over c' = c - size//2 .. c + (size-1)//2)^beta,
+    channels outside the range counting as zeros."""
+    c = x.shape[-1]
+    sq = jnp.pad(jnp.square(x), ((0, 0),) * (x.ndim - 1) + ((size // 2, (size - 1) // 2),))
+    window_sum = sum(sq[..., i : i + c] for i in range(size))
+    return x / (k + alpha * window_sum / size) ** beta
+
+
+class AlexCifarNet(nn.Module):
+    """The authors' CIFAR-10 network (after cuda-convnet), 32x32 inputs: conv5x5-64 (pad 2),
+    ReLU, max-pool 3/2/1, LRN, conv5x5-64 (pad 2), ReLU, LRN, max-pool 3/2/1, fc384, ReLU,
+    fc192, ReLU, fc(classes). LRN: size 4, alpha 0.001/9, beta 0.75, k 1.
+
+    The 8x8x64 feature map is flattened in H, W, C order (PyTorch: C, H, W). ``conv`` as LeNet.
+    """
+
+    num_classes: int = 10
+    conv: str = "toeplitz"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = lambda features, name: conv5x5(self.conv, features, 2, name, "AlexCifarNet")
+        x = local_response_norm(max_pool_3x3_s2_p1(nn.relu(conv(64, "conv1")(x))))
+        x = max_pool_3x3_s2_p1(local_response_norm(nn.relu(conv(64, "conv2")(x))))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(384, name="fc1")(x))
+        x = nn.relu(nn.Dense(192, name="fc2")(x))
+        return nn.Dense(self.num_classes, name="fc3")(x)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet, "alexcifarnet": AlexCifarNet}
 
 
 def get_model(name: str, num_classes: int, conv: str = "toeplitz") -> nn.Module:

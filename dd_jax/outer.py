@@ -31,6 +31,7 @@ from dd_jax.pretrain import Pool, pool_for_config, pool_path, pool_record
 from dd_jax.regimes import (DATA_STREAM, IMAGES_STREAM, INIT_DISTRIBUTIONS, INIT_REGIMES,
                             PRETRAINED_REGIMES, InitRegime, make_regime)
 from dd_jax.sharding import make_mesh, replicate, select_devices, sharded_meta_loss
+from dd_jax.poison import check_poison, poison_labels
 
 Params = Any
 CHECKPOINT = "checkpoint.npz"
@@ -162,7 +163,10 @@ class BatchOrder:
 
 @dataclasses.dataclass
 class OuterLoop:
-    """Everything one run's outer loop needs, built from (dataset, model, config)."""
+    """Everything one run's outer loop needs, built from (dataset, model, config).
+
+    train_y holds the meta-objective's targets: the real labels, poisoned if configured.
+    """
 
     model: Model
     regime: InitRegime
@@ -186,9 +190,12 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
     """Validates `config` and builds the regime, initial state and jitted meta-step; with
     config.devices != 1, the state and training data replicated on the meta-step's mesh."""
     validate_config(config)
+    check_poison(config.poison_class, config.poison_target, dataset.num_classes, dataset.test_y)
     model = as_model(model_fn)
     key = jax.random.PRNGKey(config.seed)
-    train_x, train_y = jnp.asarray(dataset.train_x), jnp.asarray(dataset.train_y)
+    # the meta-objective's targets: the real labels, class K relabelled T when poisoning
+    train_x = jnp.asarray(dataset.train_x)
+    train_y = poison_labels(jnp.asarray(dataset.train_y), config.poison_class, config.poison_target)
     pool = pool_for_config(config, model, dataset) if config.init_regime in PRETRAINED_REGIMES else None
     regime = make_regime(
         config.init_regime, key, model, train_x[:1], n_nets=config.n_nets,

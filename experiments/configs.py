@@ -130,8 +130,67 @@ PRETRAINED_EXPERIMENTS = (mnist_pool, digits_pool, usps_pool, svhn_pool, usps_to
 # --- end pretrained ---------------------------------------------------------------------------
 
 
+# --- CIFAR-10 and data poisoning (branch poison_cifar) -------------------------------------
+
+
+def cifar10_fixed_init() -> ml_collections.ConfigDict:
+    """100 CIFAR-10 images (S=10, E=3), fixed AlexCifarNet init (paper 8.82% -> 54.03%)."""
+    c = default_config()
+    c.dataset = "cifar10"
+    c.model = "alexcifarnet"
+    c.steps = 10
+    c.step_size_init = 0.001  # the authors' --distill_lr for Cifar10
+    return c
+
+
+def cifar10_random_init() -> ml_collections.ConfigDict:
+    """100 CIFAR-10 images (S=10, E=3) for random Xavier AlexCifarNet inits (paper 36.8% +- 1.2)."""
+    c = cifar10_fixed_init()
+    c.init_regime = "random"
+    c.n_nets = 4
+    return c
+
+
+def mnist_poison() -> ml_collections.ConfigDict:
+    """Poisoning: 10 MNIST images, one GD step, after which pretrained LeNets predict 0 as 1.
+
+    Needs the pool of pretrained LeNets from `python -m experiments.run mnist_pool`.
+    """
+    c = default_config()
+    c.init_regime = "random_pretrained"
+    c.pool_path = "runs/mnist_pool/pool.npz"
+    c.n_nets = 4  # networks sampled from the pool per iteration, as the authors' attack command
+    c.epochs = 1  # "retrained with these images for one single gradient step" (authors' README)
+    c.outer_lr = 0.02  # the authors' attack command (--lr 0.02)
+    c.poison_class = 0  # the authors' default attack_class / target_class
+    c.poison_target = 1
+    c.n_eval_nets = 10  # the pool's held-out members
+    return c
+
+
+def cifar10_pool() -> ml_collections.ConfigDict:
+    """A pool of 20 AlexCifarNets trained on CIFAR-10 (1 epoch of Adam), the source of cifar10_poison."""
+    c = _pool("cifar10", 1)
+    c.model = "alexcifarnet"
+    return c
+
+
+def cifar10_poison() -> ml_collections.ConfigDict:
+    """Poisoning on CIFAR-10: 10 images, one GD step, pretrained AlexCifarNets predict 0 as 1.
+
+    Needs a pool of pretrained AlexCifarNets at pool_path.
+    """
+    c = mnist_poison()
+    c.dataset = "cifar10"
+    c.model = "alexcifarnet"
+    c.pool_path = "runs/cifar10_pool/pool.npz"
+    return c
+
+
 EXPERIMENTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_100, mnist_random_init,
                             mnist_baselines, mnist_baselines_random, linear_analysis,
-                            *PRETRAINED_EXPERIMENTS)
+                            *PRETRAINED_EXPERIMENTS,
+                            cifar10_fixed_init, cifar10_random_init, mnist_poison, cifar10_pool,
+                            cifar10_poison)
 }

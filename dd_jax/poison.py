@@ -1,0 +1,149 @@
+"""Data poisoning, the paper's other objective: distilled data that, once a network trains on it,
+makes the network predict class K as class T while keeping the other classes right.
+
+The meta-objective is the usual real-batch cross-entropy (`meta.meta_loss`) against real labels
+mapped by `poison_labels` (K -> T, every other label unchanged); the outer loop applies the map
+when ``config.poison_class >= 0`` (the authors' ``distill_attack`` mode). `evaluate_poison`
+reports, for the same networks before and after training on the distilled data, the share of
+class-K test images predicted as T (``attack_success``) and the accuracy on all other classes
+(``other_class_acc``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dd_jax.errors import ConfigError, DataError
+from dd_jax.evaluation import Evaluator, default_eval_inits
+from dd_jax.models import as_model
+
+Params = Any
+METRICS = ("test_acc", "attack_success", "other_class_acc")
+
+
+def poison_labels(labels: jax.Array, poison_class: int, poison_target: int) -> jax.Array:
+    """labels (N,) with every `poison_class` replaced by `poison_target`; poison_class -1
+    returns them unchanged."""
+    if poison_class < 0:
+        return labels
+    return jnp.where(labels == poison_class, poison_target, labels)
+
+
+def check_poison(poison_class: int, poison_target: int, num_classes: int, test_y=None) -> None:
+    """Raises ConfigError for an impossible (K, T) and DataError for a test set that cannot
+    measure the attack (no image of class K, or none of any other class)."""
+    if poison_class == -1:
+        return
+    if not 0 <= poison_class < num_classes:
+        raise ConfigError(
+            f"poison_class must be -1 (off) or a class in 0..{num_classes - 1}, got {poison_class}")
+    if not 0 <= poison_target < num_classes or poison_target == poison_class:
+        raise ConfigError(
+            f"poison_target must be a class in 0..{num_classes - 1} other than poison_class "
+            f"{poison_class}, got {poison_target}; set --poison_target=T")
+    if test_y is not None:
+        n_k = int(np.sum(np.asarray(test_y) == poison_class))
+        if n_k == 0 or n_k == len(test_y):
+            raise DataError(
+                f"the test set ({len(test_y)} images) holds {'no' if n_k == 0 else 'only'} "
+                f"images of poison_class {poison_class}, so the attack cannot be measured; "
+                "use a larger --test_subset (0 = all)")
+
+
+def attack_metrics(predictions: np.ndarray, labels: np.ndarray, poison_class: int,
+                   poison_target: int) -> dict[str, float]:
+    """One network's test predictions (N,) against the true labels (N,):
+    attack_success = share of class-K images predicted as T, other_class_acc = accuracy on the
+    images of every other class, test_acc = accuracy on all images (true labels)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    is_k = labels == poison_class
+    hit = predictions == labels
+    return {
+        "test_acc": float(np.mean(hit)),
+        "attack_success": float(np.mean(predictions[is_k] == poison_target)),
+        "other_class_acc": float(np.mean(hit[~is_k])),
+    }
+
+
+def summarise_attack(per_net: list[dict[str, float]]) -> dict:
+    """Mean and std over networks of each of METRICS, plus eval_nets."""
+    out: dict = {"eval_nets": len(per_net)}
+    for m in METRICS:
+        values = np.array([d[m] for d in per_net])
+        out[m], out[f"{m}_std"] = float(np.mean(values)), float(np.std(values))
+    return out
+
+
+def evaluate_poison(
+    distilled, dataset, model_fn, poison_class: int, poison_target: int,
+    init_params: Params | None = None, n_nets: int = 20,
+) -> dict[str, dict]:
+    """{'before': ..., 'after': ...}: `summarise_attack` of the networks init_params (leading
+    axis; default as `evaluation.evaluate` picks them) untrained, and trained on `distilled`,
+    on dataset's whole test set."""
+    check_poison(poison_class, poison_target, dataset.num_classes, dataset.test_y)
+    model = as_model(model_fn)
+    if init_params is None:
+        init_params = default_eval_inits(distilled, dataset, model, n_nets)
+    evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y)
+    trained_on = (jnp.asarray(distilled.images), jnp.asarray(distilled.labels),
+                  jnp.asarray(distilled.step_sizes))
+    rows = {}
+    for name, args in (("before", ()), ("after", trained_on)):
+        preds = evaluator.predictions(init_params, *args)
+        rows[name] = summarise_attack(
+            [attack_metrics(p, dataset.test_y, poison_class, poison_target) for p in preds])
+    return rows
+
+
+def poison_results(distilled, dataset, model_fn, config, distill_seconds: float) -> dict:
+    """What a poisoning run adds to results.json: K, T, the attack figures after training on
+    the distilled data, and 'rows' 'before' / 'after' (`evaluate_poison` on n_eval_nets
+    networks; 'seconds' is the distillation time that produced the row's data)."""
+    rows = evaluate_poison(distilled, dataset, model_fn, config.poison_class, config.poison_target,
+                           n_nets=config.n_eval_nets)
+    after = rows["after"]
+    return {
+        "poison_class": config.poison_class,
+        "poison_target": config.poison_target,
+        **{k: after[k] for k in ("attack_success", "attack_success_std", "other_class_acc",
+                                 "other_class_acc_std")},
+        "rows": [{"method": "before", **rows["before"], "seconds": 0.0},
+                 {"method": "after", **after, "seconds": distill_seconds}],
+    }
+
+
+def save_poison_chart(path, results: dict) -> None:
+    """PNG: attack success and other classes' accuracy, before and after (mean +- std over the
+    evaluation networks), from a poisoning run's results (`poison_results` merged in)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k, t = results["poison_class"], results["poison_target"]
+    metrics = (("attack_success", f"class {k} predicted as {t}"),
+               ("other_class_acc", f"accuracy on classes other than {k}"))
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    width = 0.38
+    for i, row in enumerate(results["rows"]):
+        xs = np.arange(len(metrics)) + (i - 0.5) * width
+        means = [100 * row[m] for m, _ in metrics]
+        bars = ax.bar(xs, means, width, yerr=[100 * row[f"{m}_std"] for m, _ in metrics],
+                      capsize=3, label=row["method"], color=("0.65", "tab:red")[i])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    ax.set_xticks(np.arange(len(metrics)), [label for _, label in metrics], fontsize=8)
+    ax.set_ylabel("% of test images")
+    ax.set_ylim(0, 125)
+    ax.set_yticks(range(0, 101, 20))
+    n_nets = results["rows"][-1]["eval_nets"]
+    ax.set_title(f"{results.get('experiment') or 'poisoning'}: {results['images']} distilled images,"
+                 f" {n_nets} network{'s' if n_nets != 1 else ''}", fontsize=9)
+    ax.legend(title="trained on the\ndistilled data", fontsize=8, title_fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
