@@ -75,7 +75,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.plot(s, acc, marker="o", ms=3)
     ax.fill_between(s, [a - d for a, d in zip(acc, std)], [a + d for a, d in zip(acc, std)], alpha=0.2)
     ax.set_xlabel("outer-loop wall time (s)")
-    ax.set_ylabel("full test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -89,9 +89,10 @@ def main(argv: list[str]) -> None:
     name = names[0] if names else "mnist_fixed_init"
     config = experiment_config(name, overrides)
     machine = machine_info()
+    dataset, model = load_data_and_model(config)
     show = lambda row: print(json.dumps({"experiment": name, **row}), flush=True)
-    rows = time_to_accuracy(*load_data_and_model(config), config, 60 * flags["minutes"],
-                            flags["every"], report=show)
+    rows = time_to_accuracy(dataset, model, config, 60 * flags["minutes"], flags["every"],
+                            report=show)
     table = markdown_table(
         ["iteration", "seconds", "test accuracy %", "eval nets", "meta-loss"],
         [[r["iteration"], f"{r['seconds']:.1f}",
@@ -105,12 +106,13 @@ def main(argv: list[str]) -> None:
     if flags["out"]:
         out = Path(flags["out"])
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "time_to_accuracy.json", {"experiment": name, "command": command,
-                                                   "config": config.to_dict(), "rows": rows,
-                                                   "machine": machine})
+        write_json(out / "time_to_accuracy.json", {
+            "experiment": name, "command": command, "config": config.to_dict(),
+            "test_examples": int(len(dataset.test_y)), "rows": rows, "machine": machine})
         (out / "time_to_accuracy.md").write_text(text + "\n")
         if flags["plot"]:
-            plot(rows, out / "time_to_accuracy.png", f"{name}: test accuracy vs time")
+            plot(rows, out / "time_to_accuracy.png",
+                 f"{name}: accuracy on {len(dataset.test_y)} test images vs time")
 
 
 if __name__ == "__main__":
