@@ -53,9 +53,17 @@ def table_lines(results: dict, run: str) -> list[tuple[str, ...]]:
         paper = paper_result(experiment, None if "rows" not in results else row["method"])
         nets = row.get("eval_nets", 1)
         seconds = row.get("seconds")
+        if results.get("metric") == "excess_loss":  # not an accuracy: the value as it is
+            ours = f"excess loss {row['test_acc']:.3g} ± {row['test_acc_std']:.2g}"
+        else:
+            ours = percent(row["test_acc"], row.get("test_acc_std"), nets)
+        if "attack_success" in row:  # poisoning: what the attack achieved
+            ours += (f"; class {results['poison_class']} as {results['poison_target']}: "
+                     f"{percent(row['attack_success'], row.get('attack_success_std'), nets)}, "
+                     f"other classes: {percent(row['other_class_acc'], row.get('other_class_acc_std'), nets)}")
         lines.append((
             experiment, row["method"], results.get("dataset", ""), results.get("init_regime", ""),
-            str(results.get("images", "")), percent(row["test_acc"], row.get("test_acc_std"), nets),
+            str(results.get("images", "")), ours,
             str(nets), paper.text() if paper else "", percent(row.get("knn_acc")),
             paper.knn_text() if paper else "", f"{seconds:.0f} s" if seconds is not None else "",
             run,
