@@ -157,6 +157,13 @@ def summary(name: str, results: dict, workdir: Path) -> str:
         if r.get("step_size") is not None:
             line += f", step size {r['step_size']:.4g}"
         lines.append(line)
+    if "poison_class" in results:
+        before, after = results["rows"][0], results["rows"][1]
+        lines.append(
+            f"poisoning: class {results['poison_class']} predicted as {results['poison_target']} "
+            f"{100 * before['attack_success']:.2f}% -> {100 * after['attack_success']:.2f}%, "
+            f"other classes' accuracy {100 * before['other_class_acc']:.2f}% -> "
+            f"{100 * after['other_class_acc']:.2f}%")
     return "\n".join(lines)
 
 
