@@ -69,7 +69,6 @@ def inner_train(
     are recomputed in the backward pass (`checkpointed_scan`, step t indexing batch t mod S),
     so reverse-mode memory grows with sqrt(T) parameter sets, not with T steps' activations.
     """
-    xs, ys = unroll_schedule(images, labels, epochs)
 
     def step(p, batch):
         x, y, lr = batch
@@ -81,6 +80,7 @@ def inner_train(
             lambda p, t: step(p, (images[t % steps], labels[t % steps], step_sizes[t])),
             params, jnp.arange(steps * epochs),
         )
+    xs, ys = unroll_schedule(images, labels, epochs)
     # Unrolling a few steps per loop iteration lets XLA fuse across steps: the small
     # distilled-batch steps are dominated by per-op overhead (T = 3: 20 ms -> 13 ms a meta-step).
     params, _ = jax.lax.scan(step, params, (xs, ys, step_sizes), unroll=min(len(step_sizes), 8))
