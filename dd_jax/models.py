@@ -44,33 +44,76 @@ def as_model(model_fn: Any) -> Model:
     )
 
 
-def _toeplitz_kernel(kernel: jax.Array, width: int, phases: int) -> jax.Array:
-    """HWIO kernel (kh, kw, ci, co) -> (kh*width*ci, wo*co) row-Toeplitz matrix, wo = width-kw+1.
+def _toeplitz_kernel(kernel: jax.Array, width: int, padding: int, phases: int) -> jax.Array:
+    """HWIO kernel (kh, kw, ci, co) -> (rows*width*ci, phases**2*(wo//phases)*co) Toeplitz matrix,
+    wo = width+2*padding-kw+1, rows = kh rounded up to a multiple of `phases` after adding
+    phases-1.
 
-    Row block i maps one padded input row (width*ci values) to kernel row i's contribution to
-    one output row. Columns are ordered (q, x', o) for output column x = phases*x' + q:
-    entry [(i, a, c), (q, x', o)] = kernel[i, a-x, c, o] where 0 <= a-x < kw, else 0.
+    It maps a window of `rows` input rows (width*ci values each, unpadded: the zero columns of
+    the padding contribute nothing and are left out) to the outputs of `phases` consecutive
+    output rows. Rows are ordered (u, a, c), columns (r, q, x', o) for output row r of the
+    window and output column x = phases*x' + q:
+    entry = kernel[u-r, a+padding-x, c, o] where 0 <= u-r < kh and 0 <= a+padding-x < kw, else 0.
     """
     kh, kw, ci, co = kernel.shape
-    wo = width - kw + 1
+    wo = width + 2 * padding - kw + 1
+    rows = phases * -(-(kh + phases - 1) // phases)
+    u, r, i = np.ogrid[:rows, :phases, :kh]
     a, q, x, j = np.ogrid[:width, :phases, : wo // phases, :kw]
-    shift = (a == phases * x + q + j).astype(kernel.dtype)
-    return jnp.einsum("aqxj,ijco->iacqxo", shift, kernel).reshape(kh * width * ci, wo * co)
+    row_shift = (u == r + i).astype(kernel.dtype)
+    col_shift = (a + padding == phases * x + q + j).astype(kernel.dtype)
+    return jnp.einsum("uri,aqxj,ijco->uacrqxo", row_shift, col_shift, kernel).reshape(
+        rows * width * ci, phases * phases * (wo // phases) * co
+    )
+
+
+def _first_max_index(blocks: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """The elementwise max of `blocks` and which block holds it, the first one on ties (int8)."""
+    m = functools.reduce(jnp.maximum, blocks)
+    index = jnp.full(m.shape, len(blocks) - 1, jnp.int8)
+    for k in reversed(range(len(blocks) - 1)):
+        index = jnp.where(blocks[k] == m, jnp.int8(k), index)
+    return m, index
+
+
+@jax.custom_vjp
+def max_pool_blocks(x: jax.Array) -> jax.Array:
+    """(M, 4C) -> (M, C): the elementwise max of the four contiguous blocks of C columns.
+
+    With the blocks holding the (0, 0), (0, 1), (1, 0), (1, 1) positions of 2x2 windows this
+    is 2x2 max pooling; the gradient goes to the first maximum in that (row-major) order, as
+    in PyTorch's MaxPool2d (JAX's own max splits it between ties). One pass forward and one
+    back: several times cheaper on XLA:CPU than differentiating ``max`` over reshaped axes.
+    """
+    return _max_pool_blocks_fwd(x)[0]
+
+
+def _max_pool_blocks_fwd(x):
+    return _first_max_index(jnp.split(x, 4, axis=-1))
+
+
+def _max_pool_blocks_bwd(index, g):
+    zero = jnp.zeros_like(g)
+    return (jnp.concatenate([jnp.where(index == k, g, zero) for k in range(4)], axis=-1),)
+
+
+max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)
 
 
 class ToeplitzConv(nn.Module):
-    """Stride-1 2-D convolution as kh row slices and one matmul with a row-Toeplitz kernel,
-    optionally followed by 2x2 max pooling.
+    """Stride-1 2-D convolution as one matmul of stacked input rows with a row-Toeplitz
+    kernel, optionally followed by 2x2 max pooling.
 
     Same parameters (``kernel`` HWIO, ``bias``) and the same function as
     ``nn.Conv(features, kernel_size, padding=padding)``, or with ``pool=True`` as
-    ``max_pool_2x2`` of it. Each output row is ``concat(kh input rows) @ T``: the slices copy
-    whole rows (no per-pixel patches), and the forward pass, the kernel gradient and the input
-    gradient are each one large matmul, which XLA:CPU runs several times faster than its native
-    convolution or an im2col. With ``pool``, even and odd output rows are computed as two row
-    sets and T's columns are ordered (column parity, x // 2, feature), so the pooling is an
-    elementwise max of four contiguous blocks and the bias is added after it (max commutes
-    with adding a per-feature constant).
+    ``max_pool_2x2`` of it. Each output row is (kh input rows side by side) @ T: building the
+    windows copies whole rows (no per-pixel patches), and the forward pass, the kernel
+    gradient and the input gradient are each one large matmul, which XLA:CPU runs several
+    times faster than its native convolution or an im2col. With ``pool`` a window is kh+1
+    rows (whole pairs of input rows, so the windows are a stack of row-pair slices) and holds
+    both output rows of a pooling window; T's columns are ordered (row parity, column parity,
+    x // 2, feature), so the pooling is a max over four contiguous blocks (`max_pool_blocks`)
+    and the bias is added after it (max commutes with adding a per-feature constant).
     x (N, H, W, Ci) -> (N, Ho, Wo, features), Ho = H + 2p - kh + 1 (halved with ``pool``).
     """
 
@@ -87,22 +130,23 @@ class ToeplitzConv(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (kh, kw, cin, self.features)
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        p = self.padding
-        if p:
-            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        h, w = x.shape[1], x.shape[2]
-        ho, wo, s = h - kh + 1, w - kw + 1, 2 if self.pool else 1
+        p, s = self.padding, 2 if self.pool else 1
+        h, w = x.shape[1] + 2 * p, x.shape[2]
+        ho, wo = h - kh + 1, w + 2 * p - kw + 1
         if ho % s or wo % s:
             raise ConfigError(f"2x2 pooling needs an even convolution output, got {ho}x{wo}")
-        x_rows = x.reshape(n, h, w * cin)
-        # rows[r, n, y'] = the kh input rows under output row y = s*y' + r, side by side
-        rows = jnp.stack([
-            jnp.concatenate([x_rows[:, r + i : r + i + ho - s + 1 : s] for i in range(kh)], axis=-1)
-            for r in range(s)
-        ])
-        out = (rows @ _toeplitz_kernel(kernel, w, s)).reshape(s, n, ho // s, s, wo // s, self.features)
-        out = out.max(axis=(0, 3)) if self.pool else out[0, :, :, 0]
-        return out + bias
+        extra = -h % s  # a zero row so that the rows pair up; its weights are all zero
+        x = x.reshape(n, h - 2 * p, w * cin)
+        if p or extra:  # zero rows only: T leaves the zero columns out
+            x = jnp.pad(x, ((0, 0), (p, p + extra), (0, 0)))
+        t = _toeplitz_kernel(kernel, w, p, s)
+        groups = x.reshape(n, (h + extra) // s, s * w * cin)  # s consecutive input rows each
+        per_window = t.shape[0] // (s * w * cin)
+        windows = jnp.stack([groups[:, j : j + ho // s] for j in range(per_window)], axis=2)
+        out = windows.reshape(n * (ho // s), -1) @ t
+        if self.pool:
+            out = max_pool_blocks(out)
+        return out.reshape(n, ho // s, wo // s, self.features) + bias
 
 
 # What a model's ``conv`` field selects: the same function, the same parameters.

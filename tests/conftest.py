@@ -135,8 +135,9 @@ def make_tiny_mlp(hidden: int = 6, num_classes: int = 10):
     return TinyMLP()
 
 
-def make_tiny_convnet(num_classes: int = 10):
-    """A tiny smooth conv net: the library's Toeplitz conv (3x3, 2 features), tanh, dense."""
+def make_tiny_convnet(num_classes: int = 10, pool: bool = False):
+    """A tiny conv net: the library's Toeplitz conv (3x3, 2 features, optionally with its fused
+    2x2 max pooling), tanh, dense."""
     import flax.linen as nn
 
     from dd_jax.models import ToeplitzConv
@@ -144,7 +145,7 @@ def make_tiny_convnet(num_classes: int = 10):
     class TinyConv(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.tanh(ToeplitzConv(2, (3, 3), 1, name="conv")(x))
+            x = nn.tanh(ToeplitzConv(2, (3, 3), 1, pool=pool, name="conv")(x))
             x = x.reshape(x.shape[0], -1)
             return nn.Dense(num_classes, name="fc")(x)
 

@@ -74,13 +74,22 @@ CASES = [
     pytest.param("mlp", 1, True, id="mlp-1net-remat"),
     pytest.param("mlp", 3, True, id="mlp-3nets-vmap-remat"),
     pytest.param("conv", 3, True, id="conv-3nets-vmap-remat"),
+    # max pooling's hand-written gradient (models.max_pool_blocks), differentiated twice
+    pytest.param("conv-pool", 1, False, id="conv-pool-1net"),
+    pytest.param("conv-pool", 3, True, id="conv-pool-3nets-vmap-remat"),
 ]
+
+MODELS = {
+    "mlp": lambda: make_tiny_mlp(hidden=5, num_classes=K),
+    "conv": lambda: make_tiny_convnet(K),
+    "conv-pool": lambda: make_tiny_convnet(K, pool=True),
+}
 
 
 @pytest.mark.parametrize("model_name, n_nets, remat", CASES)
 def test_meta_gradient_matches_finite_differences(model_name, n_nets, remat):
     with jax.enable_x64():
-        model_fn = make_tiny_mlp(hidden=5, num_classes=K) if model_name == "mlp" else make_tiny_convnet(K)
+        model_fn = MODELS[model_name]()
         learned, labels, init_params, real_x, real_y, apply_fn = _problem(model_fn, n_nets, seed=n_nets)
         assert learned.images.dtype == jnp.float64
         assert jax.tree.leaves(init_params)[0].dtype == jnp.float64

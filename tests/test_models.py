@@ -109,6 +109,20 @@ def test_toeplitz_conv_matches_flax_conv(x_shape, kernel, padding, pool):
     _assert_trees_close(ga, gb, rtol=1e-4, atol=1e-4)
 
 
+def test_max_pool_blocks_gives_ties_gradient_to_the_first_maximum():
+    """On ties (MNIST's blank background) the whole gradient goes to the first maximum of the
+    window in row-major order, as PyTorch's MaxPool2d does; otherwise to the maximum."""
+    c = 3
+    x = jnp.zeros((2, 4 * c)).at[1, 2 * c + 1].set(5.0)  # row 1, column 1: block 2 wins
+    g = jax.grad(lambda x: jnp.sum(jnp.arange(1.0, 7.0).reshape(2, c) * models.max_pool_blocks(x)))(x)
+    expected = np.zeros((2, 4 * c))
+    expected[0, :c] = [1, 2, 3]  # all four blocks tie at 0: block 0 takes it
+    expected[1, :c] = [4, 0, 6]
+    expected[1, 2 * c + 1] = 5
+    np.testing.assert_array_equal(np.asarray(g), expected)
+    np.testing.assert_array_equal(np.asarray(models.max_pool_blocks(x)), [[0, 0, 0], [0, 5, 0]])
+
+
 def test_toeplitz_pool_needs_even_output():
     x = jnp.zeros((1, 8, 8, 1))  # a 2x2 kernel leaves 7x7
     with pytest.raises(ConfigError, match="even"):
