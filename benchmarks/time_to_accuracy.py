@@ -23,7 +23,7 @@ from benchmarks.common import (experiment_config, machine_info, machine_line, ma
 from dd_jax.evaluation import Evaluator, summarise
 from dd_jax.experiment import load_data_and_model
 from dd_jax.outer import build_outer_loop
-from dd_jax.outputs import write_json
+from dd_jax.outputs import saved_figure, write_json
 
 
 def time_to_accuracy(dataset, model_fn, config, seconds: float, every: int,
@@ -63,24 +63,17 @@ def time_to_accuracy(dataset, model_fn, config, seconds: float, every: int,
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Test accuracy (%) against seconds, with +- std where several nets were evaluated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s = [r["seconds"] for r in rows]
     acc = [100 * r["test_acc"] for r in rows]
     std = [100 * r["test_acc_std"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(s, acc, marker="o", ms=3)
-    ax.fill_between(s, [a - d for a, d in zip(acc, std)], [a + d for a, d in zip(acc, std)], alpha=0.2)
-    ax.set_xlabel("outer-loop wall time (s)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, dpi=120, figsize=(6, 4)) as (_, ax):
+        ax.plot(s, acc, marker="o", ms=3)
+        ax.fill_between(s, [a - d for a, d in zip(acc, std)], [a + d for a, d in zip(acc, std)],
+                        alpha=0.2)
+        ax.set_xlabel("outer-loop wall time (s)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
 
 
 def main(argv: list[str]) -> None:

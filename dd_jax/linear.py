@@ -33,7 +33,7 @@ from dd_jax.inner import inner_train
 from dd_jax.meta import Learned, init_learned, meta_loss
 from dd_jax.models import Model
 from dd_jax.outer import make_optimizer
-from dd_jax.outputs import write_json
+from dd_jax.outputs import saved_figure, write_json
 from dd_jax.regimes import DATA_STREAM, IMAGES_STREAM, make_regime
 
 PLOT = "linear_analysis.png"
@@ -220,30 +220,22 @@ def sweep_row(m: int, learned: Learned, targets: jax.Array, losses: jax.Array,
 
 def plot_sweep(path: str | Path, rows: list[dict], dim: int) -> None:
     """PNG: excess loss (log scale; mean, 10-90% band) vs M, the M < D bound, a line at M = D."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     m = np.array([r["points"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.fill_between(m, [r["excess_loss_p10"] for r in rows], [r["excess_loss_p90"] for r in rows],
-                    alpha=0.2, color="C0", label="10-90% of held-out inits")
-    ax.plot(m, [r["excess_loss"] for r in rows], "o-", color="C0",
-            label="learned distilled data, mean over held-out inits")
-    below = m < dim
-    ax.plot(m[below], [r["excess_loss_bound"] for r, b in zip(rows, below) if b], "k--",
-            label="lower bound on the mean for M < D")
-    ax.axvline(dim, color="C3", linestyle=":", label=f"M = D = {dim}")
-    ax.set_yscale("log")
-    ax.set_xlabel("M, distilled points")
-    ax.set_ylabel("excess loss over the optimum")
-    ax.set_title("One GD step on M distilled points, linear regression")
-    ax.set_xticks(m)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, dpi=120, figsize=(6, 4)) as (_, ax):
+        ax.fill_between(m, [r["excess_loss_p10"] for r in rows], [r["excess_loss_p90"] for r in rows],
+                        alpha=0.2, color="C0", label="10-90% of held-out inits")
+        ax.plot(m, [r["excess_loss"] for r in rows], "o-", color="C0",
+                label="learned distilled data, mean over held-out inits")
+        below = m < dim
+        ax.plot(m[below], [r["excess_loss_bound"] for r, b in zip(rows, below) if b], "k--",
+                label="lower bound on the mean for M < D")
+        ax.axvline(dim, color="C3", linestyle=":", label=f"M = D = {dim}")
+        ax.set_yscale("log")
+        ax.set_xlabel("M, distilled points")
+        ax.set_ylabel("excess loss over the optimum")
+        ax.set_title("One GD step on M distilled points, linear regression")
+        ax.set_xticks(m)
+        ax.legend(fontsize=8)
 
 
 def run_linear(config, workdir: str | Path, *, name: str = "", resume: bool = False,

@@ -4,10 +4,11 @@ The .npz format (version 1) is documented in README.md ("The distilled-data file
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -86,30 +87,45 @@ def load_distilled(path: str | Path) -> DistilledData:
     )
 
 
-def save_image_grid(path: str | Path, d: DistilledData, class_names: list[str] | None = None) -> None:
-    """PNG: one row per distilled step (its step sizes in the row title), one column per image."""
+@contextlib.contextmanager
+def saved_figure(path: str | Path, *, dpi: int, pad: float = 1.08, **subplots) -> Iterator[tuple]:
+    """``with saved_figure(path, dpi=..., figsize=...) as (fig, axes):`` draw, and on leaving
+    the figure is laid out (``tight_layout(pad)``), written to `path` and closed.
+
+    matplotlib (Agg backend, no display) is imported only here; `subplots` goes to
+    ``plt.subplots``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout(pad=pad)
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
+def save_image_grid(path: str | Path, d: DistilledData, class_names: list[str] | None = None) -> None:
+    """PNG: one row per distilled step (its step sizes in the row title), one column per image."""
     steps, n = d.labels.shape
     pixels = np.clip(np.asarray(d.images) * np.asarray(d.std) + np.asarray(d.mean), 0, 1)
-    fig, axes = plt.subplots(steps, n, figsize=(n * 0.9 + 1.3, steps * 1.05 + 0.1), squeeze=False)
-    for s in range(steps):
-        etas = ", ".join(f"{d.step_sizes[s + e * steps]:.3g}" for e in range(d.epochs))
-        for j in range(n):
-            ax = axes[s, j]
-            img = pixels[s, j]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
-            label = int(d.labels[s, j])
-            ax.set_title(class_names[label] if class_names else str(label), fontsize=7, pad=2)
-        axes[s, 0].set_ylabel(f"step {s}\nlr {etas}".replace(", ", ",\n"), fontsize=6,
-                              rotation=0, ha="right", va="center")
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    size = (n * 0.9 + 1.3, steps * 1.05 + 0.1)
+    with saved_figure(path, dpi=100, pad=0.2, nrows=steps, ncols=n, figsize=size,
+                      squeeze=False) as (_, axes):
+        for s in range(steps):
+            etas = ", ".join(f"{d.step_sizes[s + e * steps]:.3g}" for e in range(d.epochs))
+            for j in range(n):
+                ax = axes[s, j]
+                img = pixels[s, j]
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([]), ax.set_yticks([])
+                label = int(d.labels[s, j])
+                ax.set_title(class_names[label] if class_names else str(label), fontsize=7, pad=2)
+            axes[s, 0].set_ylabel(f"step {s}\nlr {etas}".replace(", ", ",\n"), fontsize=6,
+                                  rotation=0, ha="right", va="center")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

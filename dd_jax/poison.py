@@ -119,31 +119,26 @@ def poison_results(distilled, dataset, model_fn, config, distill_seconds: float)
 def save_poison_chart(path, results: dict) -> None:
     """PNG: attack success and other classes' accuracy, before and after (mean +- std over the
     evaluation networks), from a poisoning run's results (`poison_results` merged in)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # imported here: dd_jax.outputs imports dd_jax.outer, which imports this module
+    from dd_jax.outputs import saved_figure
 
     k, t = results["poison_class"], results["poison_target"]
     metrics = (("attack_success", f"class {k} predicted as {t}"),
                ("other_class_acc", f"accuracy on classes other than {k}"))
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    width = 0.38
-    for i, row in enumerate(results["rows"]):
-        xs = np.arange(len(metrics)) + (i - 0.5) * width
-        means = [100 * row[m] for m, _ in metrics]
-        bars = ax.bar(xs, means, width, yerr=[100 * row[f"{m}_std"] for m, _ in metrics],
-                      capsize=3, label=row["method"], color=("0.65", "tab:red")[i])
-        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-    ax.set_xticks(np.arange(len(metrics)), [label for _, label in metrics], fontsize=8)
-    ax.set_ylabel("% of test images")
-    ax.set_ylim(0, 125)
-    ax.set_yticks(range(0, 101, 20))
-    n_nets = results["rows"][-1]["eval_nets"]
-    ax.set_title(f"{results.get('experiment') or 'poisoning'}: {results['images']} distilled images,"
-                 f" {n_nets} network{'s' if n_nets != 1 else ''}", fontsize=9)
-    ax.legend(title="trained on the\ndistilled data", fontsize=8, title_fontsize=8,
-              loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path, dpi=110, figsize=(6.4, 3.4)) as (_, ax):
+        width = 0.38
+        for i, row in enumerate(results["rows"]):
+            xs = np.arange(len(metrics)) + (i - 0.5) * width
+            means = [100 * row[m] for m, _ in metrics]
+            bars = ax.bar(xs, means, width, yerr=[100 * row[f"{m}_std"] for m, _ in metrics],
+                          capsize=3, label=row["method"], color=("0.65", "tab:red")[i])
+            ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        ax.set_xticks(np.arange(len(metrics)), [label for _, label in metrics], fontsize=8)
+        ax.set_ylabel("% of test images")
+        ax.set_ylim(0, 125)
+        ax.set_yticks(range(0, 101, 20))
+        n_nets = results["rows"][-1]["eval_nets"]
+        ax.set_title(f"{results.get('experiment') or 'poisoning'}: {results['images']} distilled images,"
+                     f" {n_nets} network{'s' if n_nets != 1 else ''}", fontsize=9)
+        ax.legend(title="trained on the\ndistilled data", fontsize=8, title_fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
