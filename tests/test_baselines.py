@@ -1,9 +1,7 @@
 """Baselines: the sets' layout and content, choices made on training data only, k-NN, the CLI run."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 
 import jax
@@ -19,8 +17,8 @@ from dd_jax.errors import ConfigError
 from dd_jax.meta import distilled_labels
 from dd_jax.models import as_model, get_model
 from dd_jax.outer import build_outer_loop
-from experiments import run as cli
 from experiments.configs import EXPERIMENTS
+from test_cli import call_main
 
 
 def toy_images(n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -253,12 +251,6 @@ def test_random_baselines_use_the_held_out_inits(tiny_runs):
     assert results["rows"][1]["test_accs"] == accs.tolist() and results["rows"][1]["eval_nets"] == 2
 
 
-def call_main(args) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        return cli.main([str(a) for a in args]), err.getvalue()
-
-
 @pytest.mark.parametrize("flag,fragment", [
     ("--baselines=random_real,knn", "--baselines="),
     ("--step_size_grid=0.1,x", "--step_size_grid="),
@@ -267,7 +259,7 @@ def call_main(args) -> tuple[int, str]:
     ("--knn_k=101 --score_holdout=300", "knn_k=101"),
 ])
 def test_bad_baselines_input_is_one_line(flag, fragment, tmp_path):
-    rc, err = call_main(["mnist_baselines", "--dataset=digits", *flag.split(),
+    rc, _, err = call_main(["mnist_baselines", "--dataset=digits", *flag.split(),
                          f"--output_dir={tmp_path / 'x'}"])
     assert rc == 2 and "Traceback" not in err
     assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err

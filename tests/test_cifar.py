@@ -12,11 +12,11 @@ import pytest
 
 from dd_jax import data
 from dd_jax.errors import ConfigError
-from dd_jax.inner import cross_entropy
 from dd_jax.models import (MODELS, AlexCifarNet, get_model, local_response_norm,
                            max_pool_3x3_s2_p1)
 from experiments.configs import EXPERIMENTS
 from test_cli import OUTPUTS, call_main
+from test_models import assert_same_outputs_and_grads
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -57,24 +57,9 @@ def test_alexcifarnet_toeplitz_equals_xla():
                               if len(s.shape) > 1 else rng.normal(size=s.shape) * 0.1, jnp.float32),
         s_toeplitz)
 
-    @jax.jit
-    def outputs_and_grads(params):
-        out = {}
-        for name, m in (("toeplitz", toeplitz), ("xla", xla)):
-            loss = lambda p: cross_entropy(m.apply({"params": p}, x), y)
-            out[name] = (m.apply({"params": params}, x), jax.grad(loss)(params))
-        return out
-
-    out = outputs_and_grads(params)
-    (o1, g1), (o2, g2) = out["toeplitz"], out["xla"]
-    assert o1.shape == (3, 10)
-    assert float(jnp.std(o2)) > 1e-2  # non-degenerate logits
-    np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), rtol=1e-4, atol=1e-4)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)):
-        scale = float(jnp.max(jnp.abs(b)))
-        assert scale > 0, path
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4 * scale,
-                                   err_msg=jax.tree_util.keystr(path))
+    logits, xla_logits = assert_same_outputs_and_grads(toeplitz, xla, params, x, y, grad_rtol=1e-3)
+    assert logits.shape == (3, 10)
+    assert float(jnp.std(xla_logits)) > 1e-2  # non-degenerate logits
 
 
 def test_alexcifarnet_rejects_unknown_conv():

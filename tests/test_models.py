@@ -21,6 +21,27 @@ def _assert_trees_close(a, b, rtol, atol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+def assert_same_outputs_and_grads(a, b, params, x, y, grad_rtol: float = 1e-4):
+    """Flax modules `a` and `b` applied with the same `params`: logits within 1e-4, and each
+    leaf of the cross-entropy gradient on (x, y) non-zero and within grad_rtol (atol 1e-4 of
+    the leaf's largest entry). Returns both logits."""
+
+    @jax.jit
+    def outputs_and_grads(params):
+        loss = lambda m, p: cross_entropy(m.apply({"params": p}, x), y)
+        return [(m.apply({"params": params}, x), jax.grad(lambda p: loss(m, p))(params))
+                for m in (a, b)]
+
+    (o1, g1), (o2, g2) = outputs_and_grads(params)
+    np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), rtol=1e-4, atol=1e-4)
+    for (path, ga), gb in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)):
+        scale = float(jnp.max(jnp.abs(gb)))
+        assert scale > 0, path
+        np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=grad_rtol,
+                                   atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
+    return o1, o2
+
+
 class AuthorsLeNet(nn.Module):
     """The reference: the authors' layer order with plain flax.linen layers
     (conv, ReLU, max-pool; conv, ReLU, max-pool; fc120, fc84, fc10), same parameter names."""
@@ -60,23 +81,8 @@ def test_lenet_equals_plain_flax_lenet(shape, conv):
     params = jax.tree.map(
         lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, jnp.float32), s_ours)["params"]
 
-    @jax.jit
-    def outputs_and_grads(params):
-        out = {}
-        for name, m in (("ours", ours), ("ref", ref)):
-            loss = lambda p: cross_entropy(m.apply({"params": p}, x), y)
-            out[name] = (m.apply({"params": params}, x), jax.grad(loss)(params))
-        return out
-
-    out = outputs_and_grads(params)
-    (o1, g1), (o2, g2) = out["ours"], out["ref"]
-    assert o1.shape == (3, 10)
-    np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), rtol=1e-4, atol=1e-4)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)):
-        scale = float(jnp.max(jnp.abs(b)))
-        assert scale > 0, path
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * scale,
-                                   err_msg=jax.tree_util.keystr(path))
+    logits, _ = assert_same_outputs_and_grads(ours, ref, params, x, y)
+    assert logits.shape == (3, 10)
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["conv", "conv+pool"])

@@ -4,8 +4,6 @@ domain-adaptation experiments end to end through the CLI."""
 from __future__ import annotations
 
 import bz2
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
@@ -24,22 +22,8 @@ from dd_jax.models import as_model, get_model
 from dd_jax.pretrain import (Pool, check_pool, load_pool, pool_fingerprint, pool_for_config, pool_path,
                              save_pool, train_pool)
 from dd_jax.regimes import make_regime
-from experiments import run as cli
+from test_cli import assert_one_line_error, call_main
 from test_meta_gradient import EPOCHS, K, STEPS, _assert_close, _checker, _problem, _unit
-
-
-def call_main(args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def one_line_error(rc: int, err: str) -> str:
-    assert rc == 2 and "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def labelled_pool(n: int, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -476,9 +460,7 @@ def test_bad_pretrained_input_is_a_one_line_error(adaptation, tmp_path, args, fr
         rc, _, err = call_main([*args, f"--output_dir={tmp_path / 'run'}", "--quiet"])
     finally:
         os.chdir(old)
-    line = one_line_error(rc, err)
-    for f in fragments:
-        assert f in line, (f, line)
+    assert_one_line_error(rc, err, *fragments)
 
 
 def test_adaptation_experiments_point_at_their_source_pool():
