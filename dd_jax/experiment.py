@@ -99,8 +99,15 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     save_distilled(workdir / "distilled.npz", distilled, model=config.model)
     save_image_grid(workdir / "distilled.png", distilled)
 
+    distill_seconds = checkpoint_meta(workdir / CHECKPOINT)["seconds"]
     t1 = time.perf_counter()
-    acc = evaluate(distilled, dataset, model, n_nets=config.n_eval_nets, devices=config.devices)
+    if config.poison_class >= 0:  # one evaluation gives the attack figures and the accuracies
+        poison = poison_results(distilled, dataset, model, config, distill_seconds)
+        before, after = poison["rows"]
+        acc = {**summarise(after["test_accs"]),
+               "untrained": summarise(before["test_accs"])}
+    else:
+        acc = evaluate(distilled, dataset, model, n_nets=config.n_eval_nets, devices=config.devices)
     results = {
         "experiment": name,
         "dataset": config.dataset,
@@ -116,14 +123,14 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
         "untrained_acc": acc["untrained"]["mean"],
         "untrained_acc_std": acc["untrained"]["std"],
         "step_sizes": distilled.step_sizes.tolist(),
-        "distill_seconds": checkpoint_meta(workdir / CHECKPOINT)["seconds"],
+        "distill_seconds": distill_seconds,
         "eval_seconds": time.perf_counter() - t1,
         "machine": machine_info(),
     }
     if distilled.pool is not None:
-        results.update(_pretrained_rows(distilled, acc, results["distill_seconds"]))
+        results.update(_pretrained_rows(distilled, acc, distill_seconds))
     if config.poison_class >= 0:
-        results.update(poison_results(distilled, dataset, model, config, results["distill_seconds"]))
+        results.update(poison)
         save_poison_chart(workdir / "poisoning.png", results)
     write_json(workdir / RESULTS, results)
     return results

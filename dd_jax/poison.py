@@ -19,6 +19,7 @@ import numpy as np
 from dd_jax.errors import ConfigError, DataError
 from dd_jax.evaluation import Evaluator, default_eval_inits
 from dd_jax.models import as_model
+from dd_jax.sharding import select_devices
 
 Params = Any
 METRICS = ("test_acc", "attack_success", "other_class_acc")
@@ -69,8 +70,9 @@ def attack_metrics(predictions: np.ndarray, labels: np.ndarray, poison_class: in
 
 
 def summarise_attack(per_net: list[dict[str, float]]) -> dict:
-    """Mean and std over networks of each of METRICS, plus eval_nets."""
-    out: dict = {"eval_nets": len(per_net)}
+    """Mean and std over networks of each of METRICS, eval_nets, and each network's test_acc
+    ('test_accs')."""
+    out: dict = {"eval_nets": len(per_net), "test_accs": [d["test_acc"] for d in per_net]}
     for m in METRICS:
         values = np.array([d[m] for d in per_net])
         out[m], out[f"{m}_std"] = float(np.mean(values)), float(np.std(values))
@@ -79,16 +81,17 @@ def summarise_attack(per_net: list[dict[str, float]]) -> dict:
 
 def evaluate_poison(
     distilled, dataset, model_fn, poison_class: int, poison_target: int,
-    init_params: Params | None = None, n_nets: int = 20,
+    init_params: Params | None = None, n_nets: int = 20, devices: int = 1,
 ) -> dict[str, dict]:
     """{'before': ..., 'after': ...}: `summarise_attack` of the networks init_params (leading
     axis; default as `evaluation.evaluate` picks them) untrained, and trained on `distilled`,
-    on dataset's whole test set."""
+    on dataset's whole test set, split over `devices` (0 = all; see dd_jax.sharding)."""
     check_poison(poison_class, poison_target, dataset.num_classes, dataset.test_y)
     model = as_model(model_fn)
     if init_params is None:
         init_params = default_eval_inits(distilled, dataset, model, n_nets)
-    evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y)
+    evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y,
+                          devices=select_devices(devices))
     trained_on = (jnp.asarray(distilled.images), jnp.asarray(distilled.labels),
                   jnp.asarray(distilled.step_sizes))
     rows = {}
@@ -102,9 +105,9 @@ def evaluate_poison(
 def poison_results(distilled, dataset, model_fn, config, distill_seconds: float) -> dict:
     """What a poisoning run adds to results.json: K, T, the attack figures after training on
     the distilled data, and 'rows' 'before' / 'after' (`evaluate_poison` on n_eval_nets
-    networks; 'seconds' is the distillation time that produced the row's data)."""
+    networks on config.devices; 'seconds' is the distillation time that produced the row's data)."""
     rows = evaluate_poison(distilled, dataset, model_fn, config.poison_class, config.poison_target,
-                           n_nets=config.n_eval_nets)
+                           n_nets=config.n_eval_nets, devices=config.devices)
     after = rows["after"]
     return {
         "poison_class": config.poison_class,

@@ -66,13 +66,9 @@ def sample_init(
     """
     if dist == "model":
         return model.init(key, sample_x)
+    check_init_dist(dist)
     # only the tree's shapes are needed: no model.init (a forward pass) to compile
     params = jax.eval_shape(model.init, key, sample_x)
-    if dist not in INIT_DISTRIBUTIONS:
-        raise ConfigError(
-            f"unknown init distribution {dist!r}; choose one of: "
-            f"{', '.join([*INIT_DISTRIBUTIONS, 'model'])}"
-        )
     weight_init = INIT_DISTRIBUTIONS[dist](gain)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
@@ -113,6 +109,26 @@ class InitRegime:
     pool: Params | None = None
 
 
+def check_init_dist(dist: str) -> None:
+    """Raises ConfigError unless `dist` names a weight distribution (or 'model')."""
+    if dist not in (*INIT_DISTRIBUTIONS, "model"):
+        raise ConfigError(
+            f"unknown init_dist {dist!r}; choose one of: {', '.join([*INIT_DISTRIBUTIONS, 'model'])}")
+
+
+def check_regime(name: str, n_nets: int = 1, dist: str = "xavier_normal") -> None:
+    """Raises ConfigError for an unknown regime or weight distribution, or a fixed regime
+    asked to train several networks."""
+    if name not in INIT_REGIMES:
+        raise ConfigError(f"unknown init_regime {name!r}; choose one of: {', '.join(INIT_REGIMES)}")
+    check_init_dist(dist)
+    if name in ("fixed", "fixed_pretrained") and n_nets != 1:
+        raise ConfigError(
+            f"the {name} regime trains one known network, so n_nets must be 1 (got {n_nets}); use "
+            f"--init_regime={name.replace('fixed', 'random')} to average over initialisations"
+        )
+
+
 def make_regime(
     name: str, key: jax.Array, model: Model, sample_x: jax.Array, *, n_nets: int = 1,
     dist: str = "xavier_normal", gain: float = 1.0, pool: Params | None = None,
@@ -123,13 +139,9 @@ def make_regime(
     The pretrained regimes take `pool` (pretrained params with a leading pool axis);
     random_pretrained holds out its last `pool_eval_nets` members for evaluation.
     """
+    check_regime(name, n_nets, dist)
     add_axis = lambda p, n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), p)
     if name == "fixed":
-        if n_nets != 1:
-            raise ConfigError(
-                f"the fixed regime trains one known network, so n_nets must be 1 (got {n_nets}); "
-                "use --init_regime=random to average over initialisations"
-            )
         theta0 = sample_init(jax.random.fold_in(key, FIXED_STREAM), model, sample_x, dist, gain)
         return InitRegime(name, lambda it, pool=None: add_axis(theta0, 1),
                           lambda n: add_axis(theta0, n), theta0)
@@ -142,9 +154,7 @@ def make_regime(
                                                sample_x, dist, gain),
             lambda n: sample_inits(eval_key, n, model, sample_x, dist, gain),
         )
-    if name in PRETRAINED_REGIMES:
-        return _pretrained_regime(name, key, pool, n_nets, pool_eval_nets)
-    raise ConfigError(f"unknown init regime {name!r}; choose one of: {', '.join(INIT_REGIMES)}")
+    return _pretrained_regime(name, key, pool, n_nets, pool_eval_nets)
 
 
 def _pretrained_regime(
@@ -155,11 +165,6 @@ def _pretrained_regime(
     pool = jax.tree.map(jnp.asarray, pool)
     size = jax.tree.leaves(pool)[0].shape[0]
     if name == "fixed_pretrained":
-        if n_nets != 1:
-            raise ConfigError(
-                f"fixed_pretrained trains one known network, so n_nets must be 1 (got {n_nets}); "
-                "use --init_regime=random_pretrained to sample pool members"
-            )
         theta0 = jax.tree.map(lambda a: a[0], pool)
         return InitRegime(name, lambda it, pool=None: jax.tree.map(lambda a: a[None], theta0),
                           lambda n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), theta0),

@@ -174,7 +174,7 @@ def test_random_regime_with_flax_module(flax_mlp):
 
 
 def test_unknown_distribution():
-    with pytest.raises(ConfigError, match="unknown init distribution 'glorot'") as e:
+    with pytest.raises(ConfigError, match="unknown init_dist 'glorot'") as e:
         sample_init(jax.random.PRNGKey(0), shapes_model(dense=(3, 2)), X1, "glorot")
     for name in INIT_DISTRIBUTIONS:
         assert name in str(e.value)
@@ -266,7 +266,7 @@ def test_sample_inits_stacks_independent_draws(mlp):
 
 
 def test_unknown_regime(mlp):
-    with pytest.raises(ConfigError, match="unknown init regime 'sometimes'") as e:
+    with pytest.raises(ConfigError, match="unknown init_regime 'sometimes'") as e:
         make_regime("sometimes", jax.random.PRNGKey(0), mlp, X1)
     assert "fixed" in str(e.value) and "random" in str(e.value)
 
