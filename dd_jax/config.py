@@ -38,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.beta2 = 0.999
     c.decay_passes = 40
     c.decay_factor = 0.5
+    c.lr_schedule = "step"  # "step" (the authors': decay_passes, decay_factor) or "cosine"
+    c.warmup_iterations = 0  # cosine: linear warm-up from 0 to outer_lr over this many iterations
     c.seed = 0
     # data poisoning (dd_jax.poison): the meta-objective's real labels K -> T
     c.poison_class = -1  # K: the attacked class (-1 = off, plain distillation)

@@ -32,7 +32,7 @@ from dd_jax.experiment import CONFIG, RESULTS, prepare_workdir
 from dd_jax.inner import inner_train
 from dd_jax.meta import Learned, init_learned, meta_loss
 from dd_jax.models import Model
-from dd_jax.outer import make_optimizer
+from dd_jax.outer import check_lr_schedule, make_optimizer
 from dd_jax.outputs import saved_figure, write_json
 from dd_jax.regimes import DATA_STREAM, IMAGES_STREAM, make_regime
 
@@ -59,6 +59,8 @@ def linear_config() -> ml_collections.ConfigDict:
     c.beta2 = 0.999
     c.decay_passes = 500  # learning rate x decay_factor every decay_passes iterations
     c.decay_factor = 0.5
+    c.lr_schedule = "step"  # or "cosine" (dd_jax.outer.make_optimizer)
+    c.warmup_iterations = 0
     c.seed = 0
     # evaluation and outputs
     c.n_eval_nets = 200  # held-out theta_0 (the paper's count for random inits)
@@ -75,6 +77,7 @@ def validate_linear_config(config) -> None:
     for name in ["init_scale", "step_size_init", "outer_lr", "decay_factor"]:
         if not config[name] > 0:
             raise ConfigError(f"{name} must be > 0, got {config[name]}")
+    check_lr_schedule(config)
     if config.noise < 0:
         raise ConfigError(f"noise must be >= 0, got {config.noise}")
     if config.max_points < config.dim:

@@ -28,13 +28,14 @@ from dd_jax.evaluation import Evaluator, summarise
 from dd_jax.meta import Learned, distilled_labels, init_learned, meta_loss
 from dd_jax.models import Model, as_model
 from dd_jax.pretrain import Pool, pool_for_config, pool_path, pool_record
-from dd_jax.regimes import (DATA_STREAM, IMAGES_STREAM, INIT_DISTRIBUTIONS, INIT_REGIMES,
-                            PRETRAINED_REGIMES, InitRegime, make_regime)
+from dd_jax.regimes import (DATA_STREAM, IMAGES_STREAM, PRETRAINED_REGIMES, InitRegime,
+                            check_regime, make_regime)
 from dd_jax.sharding import make_mesh, replicate, select_devices, sharded_meta_loss
 from dd_jax.poison import check_poison, poison_labels
 
 Params = Any
 CHECKPOINT = "checkpoint.npz"
+LR_SCHEDULES = ("step", "cosine")  # the outer learning rate's schedules (make_optimizer)
 METRICS = "metrics.jsonl"
 
 
@@ -86,21 +87,10 @@ def validate_config(config) -> None:
         if not getattr(config, name) > 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
     select_devices(config.devices)  # raises unless that many devices are available
+    check_lr_schedule(config)
     if config.iterations < 0:
         raise ConfigError(f"iterations must be >= 0 (0: passes x batches per pass), got {config.iterations}")
-    if config.init_regime not in INIT_REGIMES:
-        raise ConfigError(f"unknown init_regime {config.init_regime!r}; choose one of: {', '.join(INIT_REGIMES)}")
-    if config.init_dist not in (*INIT_DISTRIBUTIONS, "model"):
-        raise ConfigError(
-            f"unknown init_dist {config.init_dist!r}; choose one of: "
-            f"{', '.join([*INIT_DISTRIBUTIONS, 'model'])}"
-        )
-    if config.init_regime in ("fixed", "fixed_pretrained") and config.n_nets != 1:
-        raise ConfigError(
-            f"the {config.init_regime} regime trains one known network, so n_nets must be 1 (got "
-            f"{config.n_nets}); use --init_regime={config.init_regime.replace('fixed', 'random')} "
-            "to average over initialisations"
-        )
+    check_regime(config.init_regime, config.n_nets, config.init_dist)
     if config.init_regime == "random_pretrained":
         for name in ("n_eval_nets", "n_eval_nets_during"):
             if getattr(config, name) > config.pool_eval_nets:
@@ -112,12 +102,30 @@ def validate_config(config) -> None:
         pool_path(config)  # raises if the run names no pool
 
 
+def check_lr_schedule(config) -> None:
+    """Raises ConfigError for an unknown lr_schedule or a negative warmup_iterations."""
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown lr_schedule {config.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
+    if config.warmup_iterations < 0:
+        raise ConfigError(f"warmup_iterations must be >= 0, got {config.warmup_iterations}")
+
+
 def make_optimizer(config, iters_per_pass: int) -> optax.GradientTransformation:
-    """Adam(outer_lr, b1, b2), step size x decay_factor every decay_passes passes."""
-    schedule = optax.exponential_decay(
-        config.outer_lr, transition_steps=max(1, config.decay_passes * iters_per_pass),
-        decay_rate=config.decay_factor, staircase=True,
-    )
+    """Adam(outer_lr, b1, b2) with the config's learning-rate schedule: ``step`` (the authors':
+    x decay_factor every decay_passes passes) or ``cosine`` (linear warm-up over
+    warmup_iterations, then a cosine decay to 0 at the run's last iteration)."""
+    if config.lr_schedule == "step":
+        schedule = optax.exponential_decay(
+            config.outer_lr, transition_steps=max(1, config.decay_passes * iters_per_pass),
+            decay_rate=config.decay_factor, staircase=True,
+        )
+    else:  # cosine
+        total = config.iterations or config.passes * iters_per_pass
+        if config.warmup_iterations >= total:
+            raise ConfigError(f"warmup_iterations ({config.warmup_iterations}) must be shorter "
+                              f"than the run ({total} iterations)")
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, config.outer_lr, warmup_steps=config.warmup_iterations, decay_steps=total)
     return optax.adam(schedule, b1=config.beta1, b2=config.beta2)
 
 

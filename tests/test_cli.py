@@ -375,6 +375,8 @@ BAD_INPUT = [
     (["mnist_fixed_init", "--outer_lr=nan"], ["outer_lr must be > 0"]),
     (["mnist_fixed_init", "--step_size_init=-0.1"], ["step_size_init must be > 0"]),
     (["mnist_fixed_init", "--iterations=-1"], ["iterations must be >= 0"]),
+    (["mnist_fixed_init", "--lr_schedule=linear"], ["unknown lr_schedule 'linear'", "step, cosine"]),
+    (["mnist_fixed_init", "--warmup_iterations=-5"], ["warmup_iterations must be >= 0, got -5"]),
     (["mnist_fixed_init", "--n_nets=2"], ["n_nets must be 1", "--init_regime=random"]),
     (["mnist_fixed_init", "--init_regime=sometimes"], ["unknown init_regime 'sometimes'"]),
     (["mnist_random_init", "--init_dist=glorot"], ["unknown init_dist 'glorot'", "xavier_normal"]),

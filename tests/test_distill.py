@@ -10,6 +10,7 @@ import dd_jax
 from dd_jax.evaluation import Evaluator
 from dd_jax.models import LeNet, as_model
 from dd_jax.config import default_config
+from dd_jax.outer import make_optimizer
 
 ITERATIONS = 300
 STEP_SIZE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -96,3 +97,26 @@ def test_distilled_beats_untrained_and_random_real_images(run, digits28):
     # evaluate() with explicit init_params gives the same answer
     again = dd_jax.evaluate(d, digits28, LeNet(), init_params=init)
     assert again["mean"] == acc
+
+
+@pytest.mark.parametrize("schedule, overrides, expected", [
+    # the authors': x0.5 every decay_passes passes (here 2 passes of 3 iterations)
+    ("step", dict(decay_passes=2), lambda t: 0.01 * 0.5 ** (t // 6)),
+    # linear warm-up over 4 iterations, then a cosine to 0 at iteration 20
+    ("cosine", dict(warmup_iterations=4),
+     lambda t: 0.01 * t / 4 if t < 4 else 0.005 * (1 + np.cos(np.pi * (t - 4) / 16))),
+])
+def test_outer_learning_rate_schedule(schedule, overrides, expected):
+    """Adam's update on a constant gradient 1 is exactly -lr_t, so the updates show the schedule."""
+    config = small_config(lr_schedule=schedule, iterations=20, outer_lr=0.01, **overrides)
+    optimizer = make_optimizer(config, iters_per_pass=3)
+    params = jnp.zeros(())
+    state = optimizer.init(params)
+    for t in range(20):
+        updates, state = optimizer.update(jnp.ones(()), state, params)
+        np.testing.assert_allclose(-float(updates), expected(t), rtol=1e-4, atol=1e-8)
+
+
+def test_cosine_warmup_must_be_shorter_than_the_run():
+    with pytest.raises(dd_jax.ConfigError, match=r"warmup_iterations \(20\) must be shorter than the run \(20 iterations\)"):
+        make_optimizer(small_config(lr_schedule="cosine", iterations=20, warmup_iterations=20), 3)
