@@ -201,7 +201,7 @@ def test_n_nets_python_loop_equals_vmap(digits28):
 
 
 def test_time_to_accuracy_smoke(digits28, tmp_path):
-    from benchmarks.time_to_accuracy import plot, time_to_accuracy
+    from benchmarks.time_to_accuracy import plot, time_to_accuracy, time_to_target
 
     seen = []
     rows = time_to_accuracy(digits28, make_tiny_convnet(), _tiny(iterations=5), seconds=1e9,
@@ -213,5 +213,10 @@ def test_time_to_accuracy_smoke(digits28, tmp_path):
     # a budget already spent stops after the first iteration
     rows0 = time_to_accuracy(digits28, make_tiny_convnet(), _tiny(iterations=5), 0.0, 2)
     assert [r["iteration"] for r in rows0] == [0, 1]
+    hit = next(r for r in rows if r["test_acc"] >= rows[-1]["test_acc"])
+    assert time_to_target(rows, rows[-1]["test_acc"]).startswith(
+        f"{100 * rows[-1]['test_acc']:.2f}% first reached after {hit['seconds']:.0f} s "
+        f"(iteration {hit['iteration']}")
+    assert time_to_target(rows, 1.01).startswith("101.00% not reached in ")
     plot(rows, tmp_path / "curve.png", "smoke")
     assert (tmp_path / "curve.png").stat().st_size > 1000
