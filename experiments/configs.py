@@ -17,6 +17,18 @@ def mnist_fixed_init() -> ml_collections.ConfigDict:
     return default_config()
 
 
+def mnist_fixed_init_b256() -> ml_collections.ConfigDict:
+    """mnist_fixed_init with a real batch of 256 (the authors': 1024): faster on a small CPU.
+
+    The same schedule in passes. Iterations are about 3.5x cheaper on a 2-core CPU: 90.9%
+    after 10 minutes there, against 87.1% with 1024
+    (results/time_to_accuracy_mnist_fixed_init_b256).
+    """
+    c = default_config()
+    c.real_batch_size = 256
+    return c
+
+
 def mnist_fixed_init_100() -> ml_collections.ConfigDict:
     """100 MNIST images (S=10, E=3), fixed init (paper 96.6%, unconfirmed)."""
     c = default_config()
@@ -188,9 +200,9 @@ def cifar10_poison() -> ml_collections.ConfigDict:
 
 
 EXPERIMENTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
-    f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_100, mnist_random_init,
-                            mnist_baselines, mnist_baselines_random, linear_analysis,
-                            *PRETRAINED_EXPERIMENTS,
+    f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_b256, mnist_fixed_init_100,
+                            mnist_random_init, mnist_baselines, mnist_baselines_random,
+                            linear_analysis, *PRETRAINED_EXPERIMENTS,
                             cifar10_fixed_init, cifar10_random_init, mnist_poison, cifar10_pool,
                             cifar10_poison)
 }
