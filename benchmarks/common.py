@@ -12,15 +12,16 @@ import jax
 import jaxlib
 import numpy as np
 
+from dd_jax.experiment import machine_info as run_machine_info
 from experiments.configs import EXPERIMENTS
 from experiments.run import apply_overrides, parse_args, parse_value
 
 
 def machine_info() -> dict:
-    """Platform, Python / jax / jaxlib versions, devices, CPU count and load average."""
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+    """A run's `dd_jax.experiment.machine_info` (platform, devices, jax) plus the Python and
+    jaxlib versions, CPU count and load average."""
+    return {**run_machine_info(), "python": platform.python_version(),
+            "jaxlib": jaxlib.__version__, "cpu_count": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 

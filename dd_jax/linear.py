@@ -16,7 +16,6 @@ iteration) and measures the distance to theta* and the excess loss on held-out i
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from dd_jax.errors import ConfigError, DivergedError
-from dd_jax.experiment import CONFIG, RESULTS, prepare_workdir
+from dd_jax.experiment import CONFIG, RESULTS, machine_info, prepare_workdir
 from dd_jax.inner import inner_train
 from dd_jax.meta import Learned, init_learned, meta_loss
 from dd_jax.models import Model
@@ -297,8 +296,7 @@ def run_linear(config, workdir: str | Path, *, name: str = "", resume: bool = Fa
                         for r in rows if r["points"] in (1, config.dim - 1, config.dim,
                                                          config.max_points))
         ),
-        "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
-                    "jax": jax.__version__},
+        "machine": machine_info(),
     }
     write_json(workdir / RESULTS, results)
     return results
