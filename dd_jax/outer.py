@@ -102,6 +102,11 @@ def validate_config(config) -> None:
         pool_path(config)  # raises if the run names no pool
 
 
+def run_length(config, iters_per_pass: int) -> int:
+    """Outer iterations of the run: config.iterations, or passes x iterations per pass."""
+    return config.iterations or config.passes * iters_per_pass
+
+
 def check_lr_schedule(config) -> None:
     """Raises ConfigError for an unknown lr_schedule or a negative warmup_iterations."""
     if config.lr_schedule not in LR_SCHEDULES:
@@ -120,7 +125,7 @@ def make_optimizer(config, iters_per_pass: int) -> optax.GradientTransformation:
             decay_rate=config.decay_factor, staircase=True,
         )
     else:  # cosine
-        total = config.iterations or config.passes * iters_per_pass
+        total = run_length(config, iters_per_pass)
         if config.warmup_iterations >= total:
             raise ConfigError(f"warmup_iterations ({config.warmup_iterations}) must be shorter "
                               f"than the run ({total} iterations)")
@@ -226,7 +231,7 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
             regime = dataclasses.replace(regime, pool=replicate(regime.pool, mesh))
     return OuterLoop(
         model=model, regime=regime, labels=labels, batches=batches,
-        total=config.iterations or config.passes * batches.per_pass, state=state,
+        total=run_length(config, batches.per_pass), state=state,
         meta_step=make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat, mesh),
         train_x=train_x, train_y=train_y, pool=pool, mesh=mesh,
     )

@@ -140,11 +140,9 @@ def make_regime(
     random_pretrained holds out its last `pool_eval_nets` members for evaluation.
     """
     check_regime(name, n_nets, dist)
-    add_axis = lambda p, n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), p)
     if name == "fixed":
-        theta0 = sample_init(jax.random.fold_in(key, FIXED_STREAM), model, sample_x, dist, gain)
-        return InitRegime(name, lambda it, pool=None: add_axis(theta0, 1),
-                          lambda n: add_axis(theta0, n), theta0)
+        return _fixed_regime(name, sample_init(jax.random.fold_in(key, FIXED_STREAM), model,
+                                               sample_x, dist, gain))
     if name == "random":
         train_key = jax.random.fold_in(key, TRAIN_STREAM)
         eval_key = jax.random.fold_in(key, EVAL_STREAM)
@@ -157,6 +155,12 @@ def make_regime(
     return _pretrained_regime(name, key, pool, n_nets, pool_eval_nets)
 
 
+def _fixed_regime(name: str, theta0: Params) -> InitRegime:
+    """The regime that trains and tests the one known `theta0` (fixed, fixed_pretrained)."""
+    add_axis = lambda n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), theta0)
+    return InitRegime(name, lambda it, pool=None: add_axis(1), add_axis, theta0)
+
+
 def _pretrained_regime(
     name: str, key: jax.Array, pool: Params | None, n_nets: int, pool_eval_nets: int
 ) -> InitRegime:
@@ -165,10 +169,7 @@ def _pretrained_regime(
     pool = jax.tree.map(jnp.asarray, pool)
     size = jax.tree.leaves(pool)[0].shape[0]
     if name == "fixed_pretrained":
-        theta0 = jax.tree.map(lambda a: a[0], pool)
-        return InitRegime(name, lambda it, pool=None: jax.tree.map(lambda a: a[None], theta0),
-                          lambda n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), theta0),
-                          theta0)
+        return _fixed_regime(name, jax.tree.map(lambda a: a[0], pool))
     n_train = size - pool_eval_nets
     if pool_eval_nets < 1 or n_train < n_nets:
         raise ConfigError(
