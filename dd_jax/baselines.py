@@ -32,7 +32,7 @@ import numpy as np
 
 from dd_jax.data import Dataset
 from dd_jax.errors import ConfigError, DataError
-from dd_jax.evaluation import Evaluator, evaluate
+from dd_jax.evaluation import Evaluator, accuracy_row, evaluate
 from dd_jax.meta import distilled_labels
 from dd_jax.models import as_model
 from dd_jax.outer import DistilledData, validate_config
@@ -326,11 +326,8 @@ def evaluate_row(method: str, data: DistilledData, dataset: Dataset, model_fn, c
     """Test accuracy (`evaluate`, n_eval_nets held-out inits in the random regime) and k-NN
     accuracy of one set, as a results.json row."""
     acc = evaluate(data, dataset, model_fn, n_nets=config.n_eval_nets)
-    return {
-        "method": method, "test_acc": acc["mean"], "test_acc_std": acc["std"],
-        "eval_nets": acc["n_nets"], "test_accs": acc["accuracies"],
-        "untrained_acc": acc["untrained"]["mean"], "knn_acc": knn_of(data, dataset, config.knn_k),
-    }
+    return {**accuracy_row(method, acc), "untrained_acc": acc["untrained"]["mean"],
+            "knn_acc": knn_of(data, dataset, config.knn_k)}
 
 
 # --------------------------------------------------------------------------- the experiment

@@ -141,16 +141,33 @@ def evaluate(
     devices: how many devices split the test set (0 = all; see dd_jax.sharding).
     Returns `summarise` of the accuracies, plus 'untrained' (the same nets before training).
     """
+    evaluator, init_params, trained_on = evaluation_setup(distilled, dataset, model_fn, init_params,
+                                                          n_nets, devices)
+    accs = evaluator(init_params, *trained_on)
+    return {**summarise(accs), "untrained": summarise(evaluator.untrained(init_params))}
+
+
+def evaluation_setup(
+    distilled, dataset, model_fn, init_params: Params | None = None, n_nets: int | None = None,
+    devices: int = 1,
+) -> tuple[Evaluator, Params, tuple[jax.Array, jax.Array, jax.Array]]:
+    """What testing `distilled` needs: an Evaluator on dataset's test set split over `devices`,
+    the theta_0 batch (init_params, or `default_eval_inits`) and (images, labels, step_sizes)."""
     model = as_model(model_fn)
     if init_params is None:
         init_params = default_eval_inits(distilled, dataset, model, n_nets)
     evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y,
                           devices=select_devices(devices))
-    accs = evaluator(
-        init_params, jnp.asarray(distilled.images), jnp.asarray(distilled.labels),
-        jnp.asarray(distilled.step_sizes),
-    )
-    return {**summarise(accs), "untrained": summarise(evaluator.untrained(init_params))}
+    trained_on = (jnp.asarray(distilled.images), jnp.asarray(distilled.labels),
+                  jnp.asarray(distilled.step_sizes))
+    return evaluator, init_params, trained_on
+
+
+def accuracy_row(method: str, acc: dict) -> dict:
+    """A results.json row of `summarise`d accuracies: method, test_acc, test_acc_std, eval_nets
+    and test_accs."""
+    return {"method": method, "test_acc": acc["mean"], "test_acc_std": acc["std"],
+            "eval_nets": acc["n_nets"], "test_accs": acc["accuracies"]}
 
 
 def _distilled_pool(distilled, model, dataset) -> Pool:

@@ -21,7 +21,7 @@ import jax
 from dd_jax.checkpoint import checkpoint_meta
 from dd_jax.data import Dataset, load_dataset
 from dd_jax.errors import ConfigError
-from dd_jax.evaluation import Evaluator, evaluate, summarise
+from dd_jax.evaluation import Evaluator, accuracy_row, evaluate, summarise
 from dd_jax.models import as_model, get_model
 from dd_jax.outer import CHECKPOINT, METRICS, distill, validate_config
 from dd_jax.outputs import MetricsLog, save_distilled, save_image_grid, write_json
@@ -139,10 +139,9 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
 def _pretrained_rows(distilled, acc: dict, seconds: float) -> dict:
     """results.json additions of a pretrained-regime run: the pool, and 'before' (the pool's
     networks as they are) / 'after' (trained on the distilled data) rows."""
-    row = lambda method, a, s: {"method": method, "test_acc": a["mean"], "test_acc_std": a["std"],
-                                "eval_nets": a["n_nets"], "test_accs": a["accuracies"], "seconds": s}
     return {"pool": distilled.pool, "pool_source": distilled.pool["dataset"],
-            "rows": [row("before", acc["untrained"], 0.0), row("after", acc, seconds)]}
+            "rows": [{**accuracy_row("before", acc["untrained"]), "seconds": 0.0},
+                     {**accuracy_row("after", acc), "seconds": seconds}]}
 
 
 def run_pool(config, workdir: str | Path, *, name: str = "", resume: bool = False,

@@ -17,9 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dd_jax.errors import ConfigError, DataError
-from dd_jax.evaluation import Evaluator, default_eval_inits
-from dd_jax.models import as_model
-from dd_jax.sharding import select_devices
+from dd_jax.evaluation import evaluation_setup
 
 Params = Any
 METRICS = ("test_acc", "attack_success", "other_class_acc")
@@ -87,13 +85,8 @@ def evaluate_poison(
     axis; default as `evaluation.evaluate` picks them) untrained, and trained on `distilled`,
     on dataset's whole test set, split over `devices` (0 = all; see dd_jax.sharding)."""
     check_poison(poison_class, poison_target, dataset.num_classes, dataset.test_y)
-    model = as_model(model_fn)
-    if init_params is None:
-        init_params = default_eval_inits(distilled, dataset, model, n_nets)
-    evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y,
-                          devices=select_devices(devices))
-    trained_on = (jnp.asarray(distilled.images), jnp.asarray(distilled.labels),
-                  jnp.asarray(distilled.step_sizes))
+    evaluator, init_params, trained_on = evaluation_setup(distilled, dataset, model_fn, init_params,
+                                                          n_nets, devices)
     rows = {}
     for name, args in (("before", ()), ("after", trained_on)):
         preds = evaluator.predictions(init_params, *args)
