@@ -211,6 +211,7 @@ def load_usps(directory: Path | str | None = None, size: int = 28) -> Dataset:
     import bz2
 
     directory = Path(directory or USPS_DIR)
+    mean, std = NORMALISATION["usps"]
     splits = {}
     for split, fname in USPS_FILES.items():
         path = directory / fname
@@ -227,12 +228,12 @@ def load_usps(directory: Path | str | None = None, size: int = 28) -> Dataset:
         features, labels = parse_libsvm(text, 16 * 16)
         if labels.min() < 1 or labels.max() > 10:
             raise DataError(f"USPS file {path} has labels outside 1..10 (digits 0..9)")
-        pixels = (np.clip(features, -1.0, 1.0) + 1.0) / 2.0
-        pixels = resize(pixels.reshape(-1, 16, 16, 1), size, "bicubic") if size != 16 else pixels.reshape(-1, 16, 16, 1)
-        mean, std = NORMALISATION["usps"]
+        pixels = ((np.clip(features, -1.0, 1.0) + 1.0) / 2.0).reshape(-1, 16, 16, 1)
+        if size != 16:
+            pixels = resize(pixels, size, "bicubic")
         splits[split] = normalise(np.clip(pixels, 0.0, 1.0), mean, std), (labels - 1).astype(np.int32)
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
-    return Dataset("usps", train_x, train_y, test_x, test_y, 10, *NORMALISATION["usps"])
+    return Dataset("usps", train_x, train_y, test_x, test_y, 10, mean, std)
 
 
 def _tfds_split(tfds, name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
