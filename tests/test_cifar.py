@@ -15,7 +15,7 @@ from dd_jax.errors import ConfigError
 from dd_jax.models import (MODELS, AlexCifarNet, get_model, local_response_norm,
                            max_pool_3x3_s2_p1)
 from experiments.configs import EXPERIMENTS
-from test_cli import OUTPUTS, call_main
+from test_cli import OUTPUTS, run_ok
 from test_models import assert_same_outputs_and_grads
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -154,8 +154,7 @@ CIFAR_TINY = ["--iterations=1", "--steps=2", "--epochs=1", "--real_batch_size=4"
 def test_cifar10_fixed_init_runs_through_the_cli(tmp_path):
     name, out = "cifar10_fixed_init", tmp_path / "cifar10_fixed_init"
     with tfds.testing.mock_data(num_examples=24):
-        rc, stdout, stderr = call_main([name, *CIFAR_TINY, f"--output_dir={out}"])
-    assert rc == 0, stderr
+        stdout = run_ok([name, *CIFAR_TINY, f"--output_dir={out}"])
     assert f"{name}: test accuracy" in stdout
     assert OUTPUTS <= {p.name for p in out.iterdir()}
     r = json.loads((out / "results.json").read_text())

@@ -38,6 +38,13 @@ def call_main(args) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
+def run_ok(args) -> str:
+    """main(args) must succeed (exit 0; else the test fails showing stderr) -> its stdout."""
+    rc, stdout, stderr = call_main(args)
+    assert rc == 0, stderr
+    return stdout
+
+
 def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
     assert rc == 2  # README: "ends with one `error: ...` line ... and exit status 2"
     assert "Traceback" not in err
@@ -67,9 +74,7 @@ def distilled_arrays(directory: Path) -> dict[str, np.ndarray]:
 def reference(tmp_path_factory):
     """Run A: the tiny experiment, uninterrupted."""
     out = tmp_path_factory.mktemp("cli") / "A"
-    rc, stdout, stderr = call_main([*TINY, f"--output_dir={out}"])
-    assert rc == 0, stderr
-    return out, stdout
+    return out, run_ok([*TINY, f"--output_dir={out}"])
 
 
 @pytest.fixture
@@ -235,11 +240,9 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
         # resume with no flags but the directory: the saved config.json supplies the rest
         resume = ["mnist_fixed_init", f"--output_dir={b}", "--resume", "--quiet"]
     else:
-        rc, _, err = call_main([*TINY, "--iterations=3", f"--output_dir={b}"])
-        assert rc == 0, err
+        run_ok([*TINY, "--iterations=3", f"--output_dir={b}"])
         resume = [*TINY, f"--output_dir={b}", "--resume"]
-    rc, _, err = call_main(resume)
-    assert rc == 0, err
+    run_ok(resume)
 
     da, db = distilled_arrays(a), distilled_arrays(b)
     assert set(da) == set(db)
@@ -349,8 +352,7 @@ def test_failed_resume_keeps_the_run_resumable(reference_copy):
     after = snapshot(out)
     for name in ("config.json", "checkpoint.npz", "distilled.npz", "results.json"):
         assert after[name] == before[name], name
-    rc, _, err = call_main(["mnist_fixed_init", f"--output_dir={out}", "--resume", "--quiet"])
-    assert rc == 0, err
+    run_ok(["mnist_fixed_init", f"--output_dir={out}", "--resume", "--quiet"])
     assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
 
 

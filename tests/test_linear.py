@@ -13,7 +13,7 @@ from dd_jax.inner import cross_entropy, gd_step
 from dd_jax.linear import (LinearProblem, apply_linear, excess_loss, excess_loss_bound,
                            squared_error, train_one_step)
 from dd_jax.meta import Learned, meta_loss
-from test_cli import assert_one_line_error, call_main
+from test_cli import assert_one_line_error, call_main, run_ok
 
 D = 4
 H_FD = 1e-6
@@ -183,9 +183,7 @@ TINY = ["linear_analysis", "--dim=3", "--max_points=5", "--train_points=200", "-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("linear") / "run"
-    rc, stdout, stderr = call_main([*TINY, f"--output_dir={out}"])
-    assert rc == 0, stderr
-    return out, stdout
+    return out, run_ok([*TINY, f"--output_dir={out}"])
 
 
 def test_cli_run_writes_table_and_plot(tiny_run):

@@ -19,8 +19,8 @@ from dd_jax.models import as_model
 from dd_jax.outer import DistilledData, build_outer_loop
 from dd_jax.poison import (attack_metrics, check_poison, evaluate_poison, poison_labels,
                            summarise_attack)
-from test_cli import assert_one_line_error, call_main
-from test_meta_gradient import EPOCHS, H_FD, _assert_close, _problem, _unit
+from test_cli import assert_one_line_error, call_main, run_ok
+from test_meta_gradient import EPOCHS, _assert_close, _checker, _problem, _unit
 
 # --------------------------------------------------------------------------- the label map
 
@@ -74,17 +74,9 @@ def test_poisoned_meta_gradient_matches_finite_differences(model_name, n_nets):
         learned, labels, init_params, real_x, real_y, apply_fn = _problem(model_fn, n_nets, seed=7)
         assert bool(jnp.any(real_y == 0)), "no class-K image in the real batch: vacuous test"
         poisoned_y = poison_labels(real_y, 0, 2)
+        check = _checker(labels, init_params, real_x, poisoned_y, apply_fn, remat=False)
         objective = functools.partial(meta_loss, labels=labels, init_params=init_params,
                                       real_x=real_x, apply_fn=apply_fn, epochs=EPOCHS)
-
-        @jax.jit
-        def check(learned, v):
-            f = lambda l: objective(l, real_y=poisoned_y)
-            grad = jax.grad(f)(learned)
-            analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(v)))
-            plus = jax.tree.map(lambda a, d: a + H_FD * d, learned, v)
-            minus = jax.tree.map(lambda a, d: a - H_FD * d, learned, v)
-            return grad, analytic, (f(plus) - f(minus)) / (2 * H_FD)
 
         rng = np.random.default_rng(11)
         zeros_img = jnp.zeros_like(learned.images)
@@ -214,8 +206,7 @@ TINY_POISON = ["mnist_poison", "--init_regime=fixed", "--n_nets=1", "--dataset=d
 
 def test_poisoning_run_through_the_cli(tmp_path):
     out = tmp_path / "poison"
-    rc, stdout, stderr = call_main([*TINY_POISON, f"--output_dir={out}"])
-    assert rc == 0, stderr
+    stdout = run_ok([*TINY_POISON, f"--output_dir={out}"])
     assert "poisoning: class 0 predicted as 1" in stdout
     assert {"config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png",
             "results.json", "poisoning.png"} <= {p.name for p in out.iterdir()}
