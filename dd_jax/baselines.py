@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax.data import Dataset
+from dd_jax.data import Dataset, split_holdout
 from dd_jax.errors import ConfigError, DataError
 from dd_jax.evaluation import Evaluator, accuracy_row, evaluate
 from dd_jax.meta import distilled_labels
@@ -86,28 +86,6 @@ def validate_baselines_config(config) -> None:
 
 
 # --------------------------------------------------------------------------- the sets
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """The training set cut in two: sets are built from the pool, scored on the holdout."""
-
-    pool_x: np.ndarray
-    pool_y: np.ndarray
-    holdout_x: np.ndarray
-    holdout_y: np.ndarray
-
-
-def split_holdout(key: jax.Array, train_x: np.ndarray, train_y: np.ndarray, n_holdout: int) -> Split:
-    """A random slice of n_holdout training examples held out; the rest is the pool."""
-    if not 0 < n_holdout < len(train_y):
-        raise ConfigError(
-            f"score_holdout={n_holdout} must be between 1 and the {len(train_y)} training images - 1; "
-            "lower --score_holdout or raise --train_subset"
-        )
-    perm = np.asarray(jax.random.permutation(key, len(train_y)))
-    hold, pool = perm[:n_holdout], perm[n_holdout:]
-    return Split(train_x[pool], train_y[pool], train_x[hold], train_y[hold])
 
 
 def class_members(y: np.ndarray, num_classes: int, needed: int) -> list[np.ndarray]:
@@ -263,7 +241,7 @@ class BaselineMaker:
                             else jax.tree.map(np.asarray, regime.fixed_params))
         stream = jax.random.fold_in(key, BASELINES_STREAM)
         self.split = split_holdout(jax.random.fold_in(stream, SPLIT), dataset.train_x,
-                                   dataset.train_y, config.score_holdout)
+                                   dataset.train_y, config.score_holdout, "score_holdout")
         self.candidates_key = jax.random.fold_in(stream, CANDIDATES)
         self.labels = np.asarray(distilled_labels(config.steps, config.images_per_class,
                                                   dataset.num_classes))

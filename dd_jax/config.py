@@ -47,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
     # evaluation, logging, checkpoints
     c.n_eval_nets = 20  # held-out initialisations for the final random-regime evaluation
     c.n_eval_nets_during = 4  # ... for the periodic evaluation while training
+    c.val_size = 0  # training images held out (never trained on) to choose the returned iterate
+    #   at the evaluations: the one best on them (0 = the last iterate, as the authors report)
     c.eval_every = 500
     c.log_every = 10
     c.checkpoint_every = 200

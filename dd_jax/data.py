@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dd_jax.errors import DataError
+from dd_jax.errors import ConfigError, DataError
 
 MNIST_DIR = Path(__file__).parent / "_data" / "mnist"
 MNIST_FILES = {
@@ -78,6 +78,32 @@ class Dataset:
             test_x=self.test_x[te],
             test_y=self.test_y[te],
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The training set cut in two: a pool to learn from and a holdout to choose with."""
+
+    pool_x: np.ndarray
+    pool_y: np.ndarray
+    holdout_x: np.ndarray
+    holdout_y: np.ndarray
+
+
+def split_holdout(key, train_x: np.ndarray, train_y: np.ndarray, n_holdout: int,
+                  flag: str) -> Split:
+    """A random slice of n_holdout training examples (drawn with the jax.random `key`) held
+    out; the rest is the pool. `flag` names the setting in the error for a bad n_holdout."""
+    import jax
+
+    if not 0 < n_holdout < len(train_y):
+        raise ConfigError(
+            f"{flag}={n_holdout} must be between 1 and the {len(train_y)} training images - 1; "
+            f"lower --{flag} or raise --train_subset"
+        )
+    perm = np.asarray(jax.random.permutation(key, len(train_y)))
+    hold, pool = perm[:n_holdout], perm[n_holdout:]
+    return Split(train_x[pool], train_y[pool], train_x[hold], train_y[hold])
 
 
 def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:

@@ -127,6 +127,8 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
         "eval_seconds": time.perf_counter() - t1,
         "machine": machine_info(),
     }
+    if distilled.selected is not None:
+        results["selected"] = distilled.selected
     if distilled.pool is not None:
         results.update(_pretrained_rows(distilled, acc, distill_seconds))
     if config.poison_class >= 0:

@@ -22,19 +22,20 @@ from jax.sharding import Mesh
 
 from dd_jax.checkpoint import restore_checkpoint, save_checkpoint
 from dd_jax.config import default_config
-from dd_jax.data import Dataset
+from dd_jax.data import Dataset, split_holdout
 from dd_jax.errors import ConfigError, DivergedError
 from dd_jax.evaluation import Evaluator, summarise
 from dd_jax.meta import Learned, distilled_labels, init_learned, meta_loss
 from dd_jax.models import Model, as_model
 from dd_jax.pretrain import Pool, pool_for_config, pool_path, pool_record
-from dd_jax.regimes import (DATA_STREAM, IMAGES_STREAM, PRETRAINED_REGIMES, InitRegime,
-                            check_regime, make_regime)
+from dd_jax.regimes import (DATA_STREAM, IMAGES_STREAM, PRETRAINED_REGIMES, VAL_STREAM,
+                            InitRegime, check_regime, make_regime)
 from dd_jax.sharding import make_mesh, replicate, select_devices, sharded_meta_loss
 from dd_jax.poison import check_poison, poison_labels
 
 Params = Any
 CHECKPOINT = "checkpoint.npz"
+BEST_CHECKPOINT = "best_checkpoint.npz"  # with val_size: the iterate best on the holdout
 LR_SCHEDULES = ("step", "cosine")  # the outer learning rate's schedules (make_optimizer)
 METRICS = "metrics.jsonl"
 
@@ -46,7 +47,9 @@ class DistilledData:
     images (S, n, H, W, C) normalised; labels (S, n); step_sizes (T,); init_params is theta_0
     for the fixed regimes (None for random: draw from init_dist/init_gain, held-out via seed).
     pool, for the pretrained regimes, records the pool it was made for (pretrain.pool_record:
-    path, fingerprint, dataset, pool_size, eval_nets).
+    path, fingerprint, dataset, pool_size, eval_nets). selected, for a run with a validation
+    holdout (config.val_size), says which outer iteration this is and why: {'iteration',
+    'val_acc', 'val_size'}; None means the last iteration.
     """
 
     images: np.ndarray
@@ -61,6 +64,7 @@ class DistilledData:
     seed: int
     init_params: Params | None = None
     pool: dict | None = None
+    selected: dict | None = None
 
     @property
     def steps(self) -> int:
@@ -88,6 +92,8 @@ def validate_config(config) -> None:
             raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
     select_devices(config.devices)  # raises unless that many devices are available
     check_lr_schedule(config)
+    if config.val_size < 0:
+        raise ConfigError(f"val_size must be >= 0 (0: no validation holdout), got {config.val_size}")
     if config.iterations < 0:
         raise ConfigError(f"iterations must be >= 0 (0: passes x batches per pass), got {config.iterations}")
     check_regime(config.init_regime, config.n_nets, config.init_dist)
@@ -178,7 +184,9 @@ class BatchOrder:
 class OuterLoop:
     """Everything one run's outer loop needs, built from (dataset, model, config).
 
-    train_y holds the meta-objective's targets: the real labels, poisoned if configured.
+    train_y holds the meta-objective's targets: the real labels, poisoned if configured. With
+    config.val_size, (val_x, val_y) are that many training images held out of train_x: the
+    meta-objective never sees them, `BestOnValidation` chooses the reported iterate with them.
     """
 
     model: Model
@@ -190,13 +198,59 @@ class OuterLoop:
     meta_step: Callable
     train_x: jax.Array
     train_y: jax.Array
+    epochs: int
     pool: Pool | None = None
     mesh: Mesh | None = None
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None
 
     def step(self, state: DistillState, iteration: int) -> tuple[DistillState, jax.Array]:
         """One outer iteration on the real batch that `iteration` draws."""
         idx = jnp.asarray(self.batches(iteration))
         return self.meta_step(state, self.train_x, self.train_y, idx, self.regime.pool)
+
+    def accuracy_on(self, x: np.ndarray, y: np.ndarray, n_nets: int) -> Callable[[Learned], dict]:
+        """learned -> `summarise`d accuracy on (x (N, H, W, C), y (N,)) of networks trained on
+        it from the regime's evaluation inits: theta_0 in the fixed regimes, else `n_nets`
+        held-out ones. Compiled once, on the meta-step's devices."""
+        evaluator = Evaluator(self.model.apply, self.epochs, x, y,
+                              devices=None if self.mesh is None else self.mesh.devices.ravel().tolist())
+        inits = self.regime.eval_inits(1 if self.regime.fixed_params is not None else n_nets)
+        return lambda learned: summarise(
+            evaluator(inits, learned.images, self.labels, learned.step_sizes))
+
+
+class BestOnValidation:
+    """The outer iterate with the highest accuracy on the validation holdout so far (the
+    first one on ties); with a `path`, written there whenever it changes, so a resumed run
+    keeps it. `accuracy` is an `OuterLoop.accuracy_on` of the holdout."""
+
+    def __init__(self, accuracy: Callable[[Learned], dict], val_size: int, path: Path | None = None):
+        self.accuracy, self.val_size, self.path = accuracy, val_size, path
+        self.learned: Learned | None = None
+        self.iteration, self.val_acc = 0, -math.inf
+
+    def restore(self, template: Learned) -> None:
+        """Reads the best iterate saved at `path`, if there is one (shapes as `template`)."""
+        if self.path is not None and self.path.exists():
+            self.learned, meta = restore_checkpoint(self.path, template)
+            self.iteration, self.val_acc = meta["iteration"], meta["val_acc"]
+
+    def update(self, learned: Learned, iteration: int) -> float:
+        """Scores `learned` on the holdout and keeps it (a copy) if it beats the best so far;
+        returns its validation accuracy."""
+        acc = self.accuracy(learned)["mean"]
+        if acc > self.val_acc:
+            self.learned = jax.tree.map(np.array, learned)  # a copy: the meta-step donates state
+            self.iteration, self.val_acc = iteration, acc
+            if self.path is not None:
+                save_checkpoint(self.path, self.learned, {"iteration": iteration, "val_acc": acc})
+        return acc
+
+    @property
+    def selected(self) -> dict:
+        """What `DistilledData.selected` records."""
+        return {"iteration": self.iteration, "val_acc": self.val_acc, "val_size": self.val_size}
 
 
 def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
@@ -206,9 +260,15 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
     check_poison(config.poison_class, config.poison_target, dataset.num_classes, dataset.test_y)
     model = as_model(model_fn)
     key = jax.random.PRNGKey(config.seed)
+    train_x, train_y, val_x, val_y = dataset.train_x, dataset.train_y, None, None
+    if config.val_size:
+        split = split_holdout(jax.random.fold_in(key, VAL_STREAM), train_x, train_y,
+                              config.val_size, "val_size")
+        train_x, train_y, val_x = split.pool_x, split.pool_y, split.holdout_x
+        val_y = np.asarray(poison_labels(split.holdout_y, config.poison_class, config.poison_target))
     # the meta-objective's targets: the real labels, class K relabelled T when poisoning
-    train_x = jnp.asarray(dataset.train_x)
-    train_y = poison_labels(jnp.asarray(dataset.train_y), config.poison_class, config.poison_target)
+    train_x = jnp.asarray(train_x)
+    train_y = poison_labels(jnp.asarray(train_y), config.poison_class, config.poison_target)
     pool = pool_for_config(config, model, dataset) if config.init_regime in PRETRAINED_REGIMES else None
     regime = make_regime(
         config.init_regime, key, model, train_x[:1], n_nets=config.n_nets,
@@ -233,7 +293,8 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
         model=model, regime=regime, labels=labels, batches=batches,
         total=run_length(config, batches.per_pass), state=state,
         meta_step=make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat, mesh),
-        train_x=train_x, train_y=train_y, pool=pool, mesh=mesh,
+        train_x=train_x, train_y=train_y, pool=pool, mesh=mesh, epochs=config.epochs,
+        val_x=val_x, val_y=val_y,
     )
 
 
@@ -248,13 +309,21 @@ def distill(
     its fields, e.g. ``distill(ds, LeNet(), steps=10, passes=20)``. With `workdir`, checkpoints
     go there every `checkpoint_every` iterations and ``resume=True`` continues from the last one.
     `log` receives one dict per logged iteration (loss, step sizes, seconds, test accuracy).
+    With config.val_size > 0 the returned data is the evaluated iterate (every `eval_every`
+    iterations and the last) with the best accuracy on that many held-out training images
+    (`BestOnValidation`; its `selected` says which); otherwise it is the last iterate.
     """
     config = _with_overrides(config, overrides)
     loop = build_outer_loop(dataset, model_fn, config)
     labels, total, state = loop.labels, loop.total, loop.state
-    evaluator = Evaluator(loop.model.apply, config.epochs, dataset.test_x, dataset.test_y,
-                          devices=None if loop.mesh is None else loop.mesh.devices.ravel().tolist())
-    eval_inits = loop.regime.eval_inits(1 if loop.regime.fixed_params is not None else config.n_eval_nets_during)
+    test_accuracy = loop.accuracy_on(dataset.test_x, dataset.test_y, config.n_eval_nets_during)
+    best = None
+    if loop.val_x is not None:
+        best = BestOnValidation(loop.accuracy_on(loop.val_x, loop.val_y, config.n_eval_nets_during),
+                                config.val_size,
+                                Path(workdir) / BEST_CHECKPOINT if workdir is not None else None)
+        if resume:
+            best.restore(state.learned)
 
     ckpt = Path(workdir) / CHECKPOINT if workdir is not None else None
     elapsed = 0.0
@@ -262,9 +331,6 @@ def distill(
         state, meta = restore_checkpoint(ckpt, state)
         elapsed = meta["seconds"]
     start_it = int(state.iteration)
-
-    def evaluate_now(learned: Learned) -> dict:
-        return summarise(evaluator(eval_inits, learned.images, labels, learned.step_sizes))
 
     with _progress(total, start_it, progress) as bar:
         postfix: dict[str, str] = {}
@@ -288,10 +354,12 @@ def distill(
                        "seconds": time.perf_counter() - t0,
                        "step_sizes": np.asarray(state.learned.step_sizes).round(6).tolist()}
             if done % config.eval_every == 0 or done == total:
-                acc = evaluate_now(state.learned)
+                acc = test_accuracy(state.learned)
                 row = {**(row or {"iteration": done, "meta_loss": loss}),
-                       "test_acc": acc["mean"], "test_acc_std": acc["std"], "eval_nets": acc["n_nets"],
-                       "seconds": time.perf_counter() - t0}
+                       "test_acc": acc["mean"], "test_acc_std": acc["std"], "eval_nets": acc["n_nets"]}
+                if best is not None:
+                    row["val_acc"] = best.update(state.learned, done)
+                row["seconds"] = time.perf_counter() - t0
                 postfix["acc"] = f"{acc['mean']:.4f}"
             if row is not None and log is not None:
                 log(row)
@@ -302,7 +370,7 @@ def distill(
                 postfix["loss"] = f"{loss:.3f}"
                 bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-    learned = state.learned
+    learned = state.learned if best is None else best.learned
     return DistilledData(
         images=np.asarray(learned.images), labels=np.asarray(labels),
         step_sizes=np.asarray(learned.step_sizes), epochs=config.epochs,
@@ -312,6 +380,7 @@ def distill(
         else jax.tree.map(np.asarray, loop.regime.fixed_params),
         pool=None if loop.pool is None else pool_record(
             loop.pool, config.pool_eval_nets if config.init_regime == "random_pretrained" else 0),
+        selected=None if best is None else best.selected,
     )
 
 

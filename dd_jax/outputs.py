@@ -63,6 +63,8 @@ def save_distilled(path: str | Path, d: DistilledData, model: str = "") -> None:
         arrays.update(_flatten(d.init_params, "init/"))
     if d.pool is not None:
         arrays["pool"] = np.array(json.dumps(d.pool, sort_keys=True))
+    if d.selected is not None:
+        arrays["selected"] = np.array(json.dumps(d.selected, sort_keys=True))
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -84,6 +86,7 @@ def load_distilled(path: str | Path) -> DistilledData:
         init_dist=str(flat["init_dist"]), init_gain=float(flat["init_gain"]),
         seed=int(flat["seed"]), init_params=_unflatten(flat, "init/"),
         pool=json.loads(str(flat["pool"])) if "pool" in flat else None,
+        selected=json.loads(str(flat["selected"])) if "selected" in flat else None,
     )
 
 

@@ -18,14 +18,16 @@ def mnist_fixed_init() -> ml_collections.ConfigDict:
 
 
 def mnist_fixed_init_b256() -> ml_collections.ConfigDict:
-    """mnist_fixed_init with a real batch of 256 (the authors': 1024): faster on a small CPU.
+    """mnist_fixed_init with a real batch of 256 (the authors': 1024), faster on a small CPU,
+    and the reported iterate chosen on 5,000 held-out training images.
 
-    The same schedule in passes. Iterations are about 3.5x cheaper on a 2-core CPU: 90.9%
-    after 10 minutes there, against 87.1% with 1024
-    (results/time_to_accuracy_mnist_fixed_init_b256).
+    The same schedule in passes. Iterations are about 3.5x cheaper on a 2-core CPU. The test
+    accuracy swings by several points between nearby iterates, so the holdout picks which
+    one to return (results/time_to_accuracy_mnist_fixed_init_b256).
     """
     c = default_config()
     c.real_batch_size = 256
+    c.val_size = 5000
     return c
 
 

@@ -10,7 +10,7 @@ import dd_jax
 from dd_jax.evaluation import Evaluator
 from dd_jax.models import LeNet, as_model
 from dd_jax.config import default_config
-from dd_jax.outer import make_optimizer
+from dd_jax.outer import BestOnValidation, build_outer_loop, make_optimizer
 
 ITERATIONS = 300
 STEP_SIZE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -120,3 +120,73 @@ def test_outer_learning_rate_schedule(schedule, overrides, expected):
 def test_cosine_warmup_must_be_shorter_than_the_run():
     with pytest.raises(dd_jax.ConfigError, match=r"warmup_iterations \(20\) must be shorter than the run \(20 iterations\)"):
         make_optimizer(small_config(lr_schedule="cosine", iterations=20, warmup_iterations=20), 3)
+
+
+# --------------------------------------------------------------------------- validation holdout
+
+VAL_SIZE = 300
+
+
+def test_validation_holdout_is_never_trained_on(digits28):
+    loop = build_outer_loop(digits28, LeNet(), small_config(val_size=VAL_SIZE))
+    train = {x.tobytes() for x in np.asarray(loop.train_x)}
+    val = {x.tobytes() for x in loop.val_x}
+    full = {x.tobytes() for x in digits28.train_x}
+    assert len(full) == len(digits28.train_x)  # no duplicate images, so sets compare examples
+    assert len(val) == VAL_SIZE and len(train) == len(full) - VAL_SIZE
+    assert not train & val and train | val == full
+    assert loop.batches.n_train == len(full) - VAL_SIZE  # real batches come from train only
+
+
+def test_validation_holdout_chooses_the_best_evaluated_iterate(digits28):
+    rows = []
+    config = small_config(iterations=60, eval_every=10, val_size=VAL_SIZE)
+    d = dd_jax.distill(digits28, LeNet(), config, progress=False, log=rows.append)
+    evaluated = [r for r in rows if "val_acc" in r]
+    assert [r["iteration"] for r in evaluated] == list(range(10, 61, 10))
+    val_accs = [r["val_acc"] for r in evaluated]
+    first_best = evaluated[int(np.argmax(val_accs))]
+    assert d.selected == {"iteration": first_best["iteration"], "val_acc": max(val_accs),
+                          "val_size": VAL_SIZE}
+    # the returned data is that iterate: it scores that accuracy on the holdout and on the test set
+    loop = build_outer_loop(digits28, LeNet(), config)
+    learned = dd_jax.Learned(jnp.asarray(d.images), jnp.log(jnp.expm1(jnp.asarray(d.step_sizes))))
+    val_acc = loop.accuracy_on(loop.val_x, loop.val_y, 1)(learned)["mean"]
+    test_acc = dd_jax.evaluate(d, digits28, LeNet())["mean"]
+    assert val_acc == pytest.approx(max(val_accs), abs=1.5 / VAL_SIZE)
+    assert test_acc == pytest.approx(first_best["test_acc"], abs=1.5 / len(digits28.test_y))
+
+
+def test_best_on_validation_keeps_the_first_best_and_survives_a_restart(tmp_path):
+    scores = iter([0.5, 0.7, 0.6, 0.7, 0.65])
+    path = tmp_path / "best.npz"
+    best = BestOnValidation(lambda learned: {"mean": next(scores)}, 10, path)
+    template = dd_jax.Learned(jnp.zeros((1, 2, 3, 3, 1)), jnp.zeros(3))
+    iterate = lambda i: dd_jax.Learned(jnp.full((1, 2, 3, 3, 1), float(i)), jnp.full(3, -float(i)))
+    assert [best.update(iterate(i), i) for i in (1, 2, 3)] == [0.5, 0.7, 0.6]
+    assert best.selected == {"iteration": 2, "val_acc": 0.7, "val_size": 10}
+    restarted = BestOnValidation(best.accuracy, 10, path)
+    restarted.restore(template)
+    assert restarted.selected == best.selected
+    np.testing.assert_array_equal(np.asarray(restarted.learned.images), 2.0)
+    np.testing.assert_array_equal(np.asarray(restarted.learned.raw_step_sizes), -2.0)
+    restarted.update(iterate(4), 4)  # a tie keeps the earlier iterate
+    restarted.update(iterate(5), 5)
+    assert restarted.selected["iteration"] == 2
+
+
+def test_resumed_run_keeps_the_validation_choice(digits28, tmp_path):
+    config = small_config(iterations=60, eval_every=10, checkpoint_every=10, val_size=VAL_SIZE)
+    whole = dd_jax.distill(digits28, LeNet(), config, progress=False)
+    dd_jax.distill(digits28, LeNet(), config, workdir=tmp_path, progress=False, iterations=30)
+    resumed = dd_jax.distill(digits28, LeNet(), config, workdir=tmp_path, resume=True, progress=False)
+    assert resumed.selected == whole.selected
+    np.testing.assert_array_equal(resumed.images, whole.images)
+    np.testing.assert_array_equal(resumed.step_sizes, whole.step_sizes)
+
+
+def test_bad_validation_size_is_a_config_error(digits28):
+    with pytest.raises(dd_jax.ConfigError, match="val_size must be >= 0"):
+        build_outer_loop(digits28, LeNet(), small_config(val_size=-1))
+    with pytest.raises(dd_jax.ConfigError, match="val_size=1497 must be between 1 and the 1497"):
+        build_outer_loop(digits28, LeNet(), small_config(val_size=1497))

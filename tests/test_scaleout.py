@@ -220,3 +220,36 @@ def test_time_to_accuracy_smoke(digits28, tmp_path):
     assert time_to_target(rows, 1.01).startswith("101.00% not reached in ")
     plot(rows, tmp_path / "curve.png", "smoke")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_time_to_accuracy_reports_the_holdout_choice(digits28, tmp_path):
+    from benchmarks.time_to_accuracy import plot, reported_acc, time_to_accuracy, time_to_target
+
+    rows = time_to_accuracy(digits28, make_tiny_convnet(), _tiny(iterations=8, val_size=200),
+                            seconds=1e9, every=2)
+    assert [r["iteration"] for r in rows] == [0, 2, 4, 6, 8]
+    assert rows[0]["seconds"] > 0  # the holdout evaluation runs on the clock
+    for i, r in enumerate(rows):
+        so_far = [x["val_acc"] for x in rows[: i + 1]]
+        chosen = rows[int(np.argmax(so_far))]  # the first best on the holdout so far
+        assert r["selected_test_acc"] == chosen["test_acc"] == reported_acc(r)
+    best = max(rows, key=lambda r: r["selected_test_acc"])
+    assert f"best {100 * best['selected_test_acc']:.2f}%" in time_to_target(rows, 1.01)
+    plot(rows, tmp_path / "curve.png", "holdout")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_sensitivity_perturbs_only_the_images(digits28):
+    import dd_jax
+    from benchmarks.sensitivity import perturbed_accuracies
+    from dd_jax.evaluation import Evaluator
+
+    model = make_tiny_convnet()
+    d = dd_jax.distill(digits28, model, _tiny(iterations=3), progress=False)
+    accs = perturbed_accuracies(d, digits28, as_model(model), [0.5], draws=3)
+    evaluator = Evaluator(as_model(model).apply, d.epochs, digits28.test_x, digits28.test_y)
+    init = jax.tree.map(lambda a: jnp.asarray(a)[None], d.init_params)
+    base = float(evaluator(init, jnp.asarray(d.images), jnp.asarray(d.labels),
+                           jnp.asarray(d.step_sizes))[0])
+    assert list(accs) == [0.0, 0.5] and accs[0.0] == [base]  # first: the data as it is
+    assert len(accs[0.5]) == 3 and all(0 <= a <= 1 for a in accs[0.5])
