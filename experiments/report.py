@@ -43,8 +43,12 @@ def percent(acc: float | None, std: float | None = None, nets: int = 1) -> str:
 def table_lines(results: dict, run: str) -> list[tuple[str, ...]]:
     """One run's table lines: one per row of "rows", else one for the run itself."""
     experiment = results["experiment"]
+    method = results.get("method", "distilled")
+    if "selected" in results:  # --val_size: which iterate the run returned
+        chosen = results["selected"]
+        method += f" (iteration {chosen['iteration']}, best on {chosen['val_size']} held out)"
     rows = results.get("rows") or [{
-        "method": results.get("method", "distilled"), "test_acc": results["test_acc"],
+        "method": method, "test_acc": results["test_acc"],
         "test_acc_std": results.get("test_acc_std"), "eval_nets": results.get("eval_nets", 1),
         "seconds": results.get("distill_seconds"), "knn_acc": results.get("knn_acc"),
     }]

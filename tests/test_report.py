@@ -83,3 +83,14 @@ def test_paper_numbers_are_keyed_and_marked():
     assert paper_result("mnist_baselines_random", "kmeans").knn_text() == "92.2 ± 0.1 (unconfirmed)"
     assert paper_result("mnist_baselines", "kmeans") is None
     assert all(p.status in ("confirmed", "unconfirmed") for p in PAPER.values())
+
+
+def test_report_names_the_iterate_a_holdout_chose(tmp_path):
+    run = tmp_path / "mnist_random_init_p20"
+    shutil.copytree(ROOT / "results" / "mnist_random_init_p20", run)
+    results = json.loads((run / "results.json").read_text())
+    results["selected"] = {"iteration": 1500, "val_acc": 0.9, "val_size": 5000}
+    (run / "results.json").write_text(json.dumps(results))
+    line = report.report([tmp_path]).splitlines()[2]
+    assert line.startswith(
+        "| mnist_random_init | distilled (iteration 1500, best on 5000 held out) | mnist | random |")
