@@ -22,7 +22,7 @@ from typing import Callable
 from benchmarks.common import (experiment_config, machine_info, machine_line, markdown_table,
                                parse_flags)
 from dd_jax.experiment import load_data_and_model
-from dd_jax.outer import BestOnValidation, build_outer_loop
+from dd_jax.outer import build_outer_loop
 from dd_jax.outputs import saved_figure, write_json
 
 
@@ -37,8 +37,7 @@ def time_to_accuracy(dataset, model_fn, config, seconds: float, every: int,
     gets each row as it is made."""
     loop = build_outer_loop(dataset, model_fn, config)
     test_accuracy = loop.accuracy_on(dataset.test_x, dataset.test_y, config.n_eval_nets_during)
-    best = (None if loop.val_x is None else BestOnValidation(
-        loop.accuracy_on(loop.val_x, loop.val_y, config.n_eval_nets_during), config.val_size))
+    best = loop.best_on_validation(config.n_eval_nets_during)
     rows: list[dict] = []
 
     def evaluate(state, iteration: int, elapsed: float, loss: float | None) -> float:
@@ -51,10 +50,10 @@ def time_to_accuracy(dataset, model_fn, config, seconds: float, every: int,
         acc = test_accuracy(state.learned)
         row = {"iteration": iteration, "seconds": elapsed + spent, "test_acc": acc["mean"],
                "test_acc_std": acc["std"], "eval_nets": acc["n_nets"], "meta_loss": loss}
-        if best is not None:
+        if best is not None:  # the choice is this iterate, or stays the previous row's
             row["val_acc"] = val_acc
-            row["selected_test_acc"] = next(
-                r["test_acc"] for r in [*rows, row] if r["iteration"] == best.iteration)
+            row["selected_test_acc"] = (acc["mean"] if best.iteration == iteration
+                                        else rows[-1]["selected_test_acc"])
         rows.append(row)
         report(row)
         return spent

@@ -219,6 +219,13 @@ class OuterLoop:
         return lambda learned: summarise(
             evaluator(inits, learned.images, self.labels, learned.step_sizes))
 
+    def best_on_validation(self, n_nets: int, path: Path | None = None) -> BestOnValidation | None:
+        """The `BestOnValidation` of this run's holdout (None without one), scoring with
+        `accuracy_on` it; with `path`, kept in that file."""
+        if self.val_x is None:
+            return None
+        return BestOnValidation(self.accuracy_on(self.val_x, self.val_y, n_nets), len(self.val_y), path)
+
 
 class BestOnValidation:
     """The outer iterate with the highest accuracy on the validation holdout so far (the
@@ -260,15 +267,15 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
     check_poison(config.poison_class, config.poison_target, dataset.num_classes, dataset.test_y)
     model = as_model(model_fn)
     key = jax.random.PRNGKey(config.seed)
-    train_x, train_y, val_x, val_y = dataset.train_x, dataset.train_y, None, None
+    # the meta-objective's targets: the real labels, class K relabelled T when poisoning
+    train_x = dataset.train_x
+    train_y = np.asarray(poison_labels(dataset.train_y, config.poison_class, config.poison_target))
+    val_x = val_y = None
     if config.val_size:
         split = split_holdout(jax.random.fold_in(key, VAL_STREAM), train_x, train_y,
                               config.val_size, "val_size")
-        train_x, train_y, val_x = split.pool_x, split.pool_y, split.holdout_x
-        val_y = np.asarray(poison_labels(split.holdout_y, config.poison_class, config.poison_target))
-    # the meta-objective's targets: the real labels, class K relabelled T when poisoning
-    train_x = jnp.asarray(train_x)
-    train_y = poison_labels(jnp.asarray(train_y), config.poison_class, config.poison_target)
+        train_x, train_y, val_x, val_y = split.pool_x, split.pool_y, split.holdout_x, split.holdout_y
+    train_x, train_y = jnp.asarray(train_x), jnp.asarray(train_y)
     pool = pool_for_config(config, model, dataset) if config.init_regime in PRETRAINED_REGIMES else None
     regime = make_regime(
         config.init_regime, key, model, train_x[:1], n_nets=config.n_nets,
@@ -317,13 +324,10 @@ def distill(
     loop = build_outer_loop(dataset, model_fn, config)
     labels, total, state = loop.labels, loop.total, loop.state
     test_accuracy = loop.accuracy_on(dataset.test_x, dataset.test_y, config.n_eval_nets_during)
-    best = None
-    if loop.val_x is not None:
-        best = BestOnValidation(loop.accuracy_on(loop.val_x, loop.val_y, config.n_eval_nets_during),
-                                config.val_size,
-                                Path(workdir) / BEST_CHECKPOINT if workdir is not None else None)
-        if resume:
-            best.restore(state.learned)
+    best = loop.best_on_validation(config.n_eval_nets_during,
+                                   Path(workdir) / BEST_CHECKPOINT if workdir is not None else None)
+    if best is not None and resume:
+        best.restore(state.learned)
 
     ckpt = Path(workdir) / CHECKPOINT if workdir is not None else None
     elapsed = 0.0
