@@ -67,15 +67,6 @@ def _toeplitz_kernel(kernel: jax.Array, width: int, padding: int, phases: int) -
     )
 
 
-def _first_max_index(blocks: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """The elementwise max of `blocks` and which block holds it, the first one on ties (int8)."""
-    m = functools.reduce(jnp.maximum, blocks)
-    index = jnp.full(m.shape, len(blocks) - 1, jnp.int8)
-    for k in reversed(range(len(blocks) - 1)):
-        index = jnp.where(blocks[k] == m, jnp.int8(k), index)
-    return m, index
-
-
 @jax.custom_vjp
 def max_pool_blocks(x: jax.Array) -> jax.Array:
     """(M, 4C) -> (M, C): the elementwise max of the four contiguous blocks of C columns.
@@ -89,7 +80,9 @@ def max_pool_blocks(x: jax.Array) -> jax.Array:
 
 
 def _max_pool_blocks_fwd(x):
-    return _first_max_index(jnp.split(x, 4, axis=-1))
+    blocks = x.reshape(x.shape[0], 4, -1)
+    # argmax picks the first maximum; int8 keeps the saved index small
+    return blocks.max(axis=1), jnp.argmax(blocks, axis=1).astype(jnp.int8)
 
 
 def _max_pool_blocks_bwd(index, g):
@@ -98,6 +91,43 @@ def _max_pool_blocks_bwd(index, g):
 
 
 max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)
+
+
+def _pool_blocks(y: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N*H/2, 4*(W/2)*C): each pair of rows as `max_pool_blocks` takes it,
+    the four positions of the 2x2 windows as four contiguous blocks of (x // 2, feature)."""
+    n, h, w, c = y.shape
+    return y.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 2, 4, 3, 5).reshape(n * h // 2, -1)
+
+
+def _toeplitz_conv(x: jax.Array, kernel: jax.Array, padding: int, pool: bool) -> jax.Array:
+    """The convolution (N, H, W, Ci) -> (N*Ho/s, s*s*(Wo/s)*Co) as one matmul of stacked
+    input rows with the row-Toeplitz kernel (s = 2 with ``pool``, columns as `_pool_blocks`)."""
+    kh, kw, cin, _ = kernel.shape
+    n, _, w, _ = x.shape
+    p, s = padding, 2 if pool else 1
+    h = x.shape[1] + 2 * p
+    extra = -h % s  # a zero row so that the rows pair up; its weights are all zero
+    x = x.reshape(n, h - 2 * p, w * cin)
+    if p or extra:  # zero rows only: T leaves the zero columns out
+        x = jnp.pad(x, ((0, 0), (p, p + extra), (0, 0)))
+    t = _toeplitz_kernel(kernel, w, p, s)
+    groups = x.reshape(n, (h + extra) // s, s * w * cin)  # s consecutive input rows each
+    per_window = t.shape[0] // (s * w * cin)
+    rows = (h - kh + 1) // s
+    windows = jnp.stack([groups[:, j : j + rows] for j in range(per_window)], axis=2)
+    return windows.reshape(n * rows, -1) @ t
+
+
+def _patches_conv(x: jax.Array, kernel: jax.Array, padding: int, pool: bool) -> jax.Array:
+    """The same as `_toeplitz_conv` from im2col patches: (N*Ho*Wo, kh*kw*Ci) @ the kernel."""
+    kh, kw, cin, co = kernel.shape
+    n, h, w, _ = x.shape
+    ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    patches = jnp.stack([x[:, i : i + ho, j : j + wo] for i in range(kh) for j in range(kw)], axis=3)
+    y = (patches.reshape(n * ho * wo, kh * kw * cin) @ kernel.reshape(-1, co)).reshape(n, ho, wo, co)
+    return _pool_blocks(y) if pool else y
 
 
 class ToeplitzConv(nn.Module):
@@ -114,6 +144,10 @@ class ToeplitzConv(nn.Module):
     both output rows of a pooling window; T's columns are ordered (row parity, column parity,
     x // 2, feature), so the pooling is a max over four contiguous blocks (`max_pool_blocks`)
     and the bias is added after it (max commutes with adding a per-feature constant).
+
+    Batches of at most ``patches_up_to`` images (the distilled batches of the inner loop) are
+    convolved from im2col patches instead: there the per-op cost of building T from the
+    kernel at every inner step outweighs the Toeplitz form's larger matmuls.
     x (N, H, W, Ci) -> (N, Ho, Wo, features), Ho = H + 2p - kh + 1 (halved with ``pool``).
     """
 
@@ -121,6 +155,7 @@ class ToeplitzConv(nn.Module):
     kernel_size: tuple[int, int]
     padding: int = 0
     pool: bool = False
+    patches_up_to: int = 64
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -130,20 +165,13 @@ class ToeplitzConv(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (kh, kw, cin, self.features)
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        p, s = self.padding, 2 if self.pool else 1
-        h, w = x.shape[1] + 2 * p, x.shape[2]
-        ho, wo = h - kh + 1, w + 2 * p - kw + 1
+        s = 2 if self.pool else 1
+        ho = x.shape[1] + 2 * self.padding - kh + 1
+        wo = x.shape[2] + 2 * self.padding - kw + 1
         if ho % s or wo % s:
             raise ConfigError(f"2x2 pooling needs an even convolution output, got {ho}x{wo}")
-        extra = -h % s  # a zero row so that the rows pair up; its weights are all zero
-        x = x.reshape(n, h - 2 * p, w * cin)
-        if p or extra:  # zero rows only: T leaves the zero columns out
-            x = jnp.pad(x, ((0, 0), (p, p + extra), (0, 0)))
-        t = _toeplitz_kernel(kernel, w, p, s)
-        groups = x.reshape(n, (h + extra) // s, s * w * cin)  # s consecutive input rows each
-        per_window = t.shape[0] // (s * w * cin)
-        windows = jnp.stack([groups[:, j : j + ho // s] for j in range(per_window)], axis=2)
-        out = windows.reshape(n * (ho // s), -1) @ t
+        conv = _patches_conv if n <= self.patches_up_to else _toeplitz_conv
+        out = conv(x, kernel, self.padding, self.pool)
         if self.pool:
             out = max_pool_blocks(out)
         return out.reshape(n, ho // s, wo // s, self.features) + bias

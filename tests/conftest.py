@@ -135,9 +135,9 @@ def make_tiny_mlp(hidden: int = 6, num_classes: int = 10):
     return TinyMLP()
 
 
-def make_tiny_convnet(num_classes: int = 10, pool: bool = False):
+def make_tiny_convnet(num_classes: int = 10, pool: bool = False, patches_up_to: int = 64):
     """A tiny conv net: the library's Toeplitz conv (3x3, 2 features, optionally with its fused
-    2x2 max pooling), tanh, dense."""
+    2x2 max pooling; batches of at most `patches_up_to` images from patches), tanh, dense."""
     import flax.linen as nn
 
     from dd_jax.models import ToeplitzConv
@@ -145,7 +145,8 @@ def make_tiny_convnet(num_classes: int = 10, pool: bool = False):
     class TinyConv(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.tanh(ToeplitzConv(2, (3, 3), 1, pool=pool, name="conv")(x))
+            x = nn.tanh(ToeplitzConv(2, (3, 3), 1, pool=pool, patches_up_to=patches_up_to,
+                                     name="conv")(x))
             x = x.reshape(x.shape[0], -1)
             return nn.Dense(num_classes, name="fc")(x)
 

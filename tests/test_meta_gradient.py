@@ -77,12 +77,17 @@ CASES = [
     # max pooling's hand-written gradient (models.max_pool_blocks), differentiated twice
     pytest.param("conv-pool", 1, False, id="conv-pool-1net"),
     pytest.param("conv-pool", 3, True, id="conv-pool-3nets-vmap-remat"),
+    # as LeNet runs: the distilled batches (3 images) from patches, the real batch (12) through
+    # the Toeplitz matmul
+    pytest.param("conv-pool-mixed", 1, False, id="conv-pool-mixed-1net"),
+    pytest.param("conv-pool-mixed", 3, True, id="conv-pool-mixed-3nets-vmap-remat"),
 ]
 
 MODELS = {
     "mlp": lambda: make_tiny_mlp(hidden=5, num_classes=K),
     "conv": lambda: make_tiny_convnet(K),
     "conv-pool": lambda: make_tiny_convnet(K, pool=True),
+    "conv-pool-mixed": lambda: make_tiny_convnet(K, pool=True, patches_up_to=IPC * K),
 }
 
 
