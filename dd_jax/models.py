@@ -120,7 +120,8 @@ def _toeplitz_conv(x: jax.Array, kernel: jax.Array, padding: int, pool: bool) ->
 
 
 def _patches_conv(x: jax.Array, kernel: jax.Array, padding: int, pool: bool) -> jax.Array:
-    """The same as `_toeplitz_conv` from im2col patches: (N*Ho*Wo, kh*kw*Ci) @ the kernel."""
+    """`_toeplitz_conv`'s outputs from im2col patches, (N*Ho*Wo, kh*kw*Ci) @ the kernel:
+    (N, Ho, Wo, Co), or as `_pool_blocks` with ``pool``."""
     kh, kw, cin, co = kernel.shape
     n, h, w, _ = x.shape
     ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
