@@ -12,11 +12,10 @@ from __future__ import annotations
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks.common import machine_info, machine_line, markdown_table, parse_flags
 from dd_jax.data import load_dataset
-from dd_jax.evaluation import Evaluator
+from dd_jax.evaluation import evaluation_setup
 from dd_jax.models import MODELS, as_model
 from dd_jax.outputs import load_distilled
 
@@ -25,15 +24,12 @@ def perturbed_accuracies(distilled, dataset, model, scales: list[float], draws: 
                          seed: int = 0) -> dict[float, list[float]]:
     """{scale: [test accuracy after training on images + scale * N(0, 1)] for `draws` draws},
     scale 0 included (the data as it is); theta_0 and step sizes unchanged."""
-    evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y)
-    init = jax.tree.map(lambda a: jnp.asarray(a)[None], distilled.init_params)
-    labels, steps = jnp.asarray(distilled.labels), jnp.asarray(distilled.step_sizes)
+    evaluator, init, (images, labels, steps) = evaluation_setup(distilled, dataset, model)
     key = jax.random.PRNGKey(seed)
-    out = {0.0: [float(evaluator(init, jnp.asarray(distilled.images), labels, steps)[0])]}
+    out = {0.0: [float(evaluator(init, images, labels, steps)[0])]}
     for i, scale in enumerate(scales):
-        noise = jax.random.normal(jax.random.fold_in(key, i), (draws, *distilled.images.shape))
-        out[scale] = [float(evaluator(init, distilled.images + scale * n, labels, steps)[0])
-                      for n in noise]
+        noise = jax.random.normal(jax.random.fold_in(key, i), (draws, *images.shape))
+        out[scale] = [float(evaluator(init, images + scale * n, labels, steps)[0]) for n in noise]
     return out
 
 
