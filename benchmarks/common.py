@@ -60,13 +60,6 @@ def experiment_config(name: str, overrides: dict[str, str]):
     return apply_overrides(EXPERIMENTS[name](), overrides)
 
 
-def markdown_table(columns: list[str], rows: list[list]) -> str:
-    """A markdown table of `rows` (lists of cells) under `columns`."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def machine_line(machine: dict) -> str:
     """One line naming the machine and versions, to print under a table."""
     return (f"machine: {machine['platform']}, {machine['cpu_count']} CPUs "

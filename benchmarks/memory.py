@@ -30,10 +30,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import machine_info, machine_line, markdown_table, parse_flags
+from benchmarks.common import machine_info, machine_line, parse_flags
 from dd_jax.config import default_config
 from dd_jax.experiment import load_data_and_model
 from dd_jax.outer import build_outer_loop
+from dd_jax.outputs import markdown_table
 from experiments.run import apply_overrides
 
 MB = 2**20

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks.common import (experiment_config, machine_info, machine_line, markdown_table,
-                               parse_flags, time_steps)
+from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, time_steps
 from dd_jax.experiment import load_data_and_model
 from dd_jax.meta import meta_loss
 from dd_jax.outer import DistillState, OuterLoop, build_outer_loop, make_optimizer
+from dd_jax.outputs import markdown_table
 
 METHODS = ("vmap", "loop")
 

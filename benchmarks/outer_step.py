@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks.common import (experiment_config, machine_info, machine_line, markdown_table,
-                               parse_flags, time_steps)
+from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, time_steps
 from dd_jax.experiment import load_data_and_model
 from dd_jax.outer import build_outer_loop
+from dd_jax.outputs import markdown_table
 
 
 def time_outer_steps(config, iterations: int, warmup: int = 3) -> dict:

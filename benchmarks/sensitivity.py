@@ -13,11 +13,11 @@ import sys
 
 import jax
 
-from benchmarks.common import machine_info, machine_line, markdown_table, parse_flags
+from benchmarks.common import machine_info, machine_line, parse_flags
 from dd_jax.data import load_dataset
 from dd_jax.evaluation import evaluation_setup
 from dd_jax.models import MODELS, as_model
-from dd_jax.outputs import load_distilled
+from dd_jax.outputs import load_distilled, markdown_table
 
 
 def perturbed_accuracies(distilled, dataset, model, scales: list[float], draws: int,

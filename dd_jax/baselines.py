@@ -329,11 +329,8 @@ def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool 
     `workdir` - baseline_<method>.npz/.png and results.json with one row per set."""
     from tqdm.auto import tqdm
 
-    from dd_jax.experiment import CONFIG, RESULTS, load_data_and_model, machine_info, prepare_workdir
+    from dd_jax.experiment import RESULTS, load_data_and_model, machine_info, start_run
 
-    if resume:
-        raise ConfigError("a baselines run keeps no checkpoint, so nothing can be resumed; "
-                          "run it again without --resume")
     workdir = Path(workdir)
     validate_baselines_config(config)
     methods = parse_methods(config.baselines)
@@ -341,8 +338,7 @@ def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool 
     distilled = load_reference(config, dataset) if config.distilled else None
     t0 = time.perf_counter()
     maker = BaselineMaker(dataset, model, config)  # checks the split before anything is written
-    prepare_workdir(workdir, resume=False)
-    write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
+    start_run(config, workdir, name)
 
     rows = []
     for method in tqdm(methods, desc="baselines", disable=not progress, dynamic_ncols=True):

@@ -40,10 +40,13 @@ RUNNERS: dict[str, str] = {
     "linear": "dd_jax.linear:run_linear",
     "pretrain_pool": "dd_jax.experiment:run_pool",
 }
+# The kinds whose runs checkpoint, so that --resume continues them; `run` refuses it for the rest.
+RESUMABLE = ("distill",)
 
 
-def prepare_workdir(workdir: Path, resume: bool) -> None:
-    """Refuses to overwrite an earlier run's checkpoint or results, and to resume no run.
+def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
+    """Creates `workdir` and writes the run's config.json, refusing to overwrite an earlier
+    run's checkpoint or results, and to resume no run.
 
     A directory whose run stopped before its first checkpoint holds nothing worth keeping:
     a plain rerun starts afresh there, and so does --resume.
@@ -56,6 +59,7 @@ def prepare_workdir(workdir: Path, resume: bool) -> None:
             "directory with --output_dir=DIR"
         )
     workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
 
 
 def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
@@ -77,6 +81,10 @@ def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
     kind = config.get("kind", "distill")
     if kind not in RUNNERS:
         raise ConfigError(f"unknown kind {kind!r}; choose one of: {', '.join(RUNNERS)}")
+    if resume and kind not in RESUMABLE:
+        raise ConfigError(f"a {kind!r} run keeps no checkpoint, so nothing can be resumed; "
+                          "rerun without --resume (with a new --output_dir=DIR if this one "
+                          "holds a finished run)")
     module, function = RUNNERS[kind].split(":")
     runner = getattr(importlib.import_module(module), function)
     return runner(config, workdir, name=name, resume=resume, progress=progress)
@@ -88,8 +96,7 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     workdir = Path(workdir)
     validate_config(config)
     dataset, model = load_data_and_model(config)
-    prepare_workdir(workdir, resume)
-    write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
+    start_run(config, workdir, name, resume)
 
     resume = resume and (workdir / CHECKPOINT).exists()
     keep_until = checkpoint_meta(workdir / CHECKPOINT)["iteration"] if resume else None
@@ -152,12 +159,8 @@ def run_pool(config, workdir: str | Path, *, name: str = "", resume: bool = Fals
     network's test accuracy) and results.json (their mean +- std) into `workdir`."""
     workdir = Path(workdir)
     validate_pool_config(config)
-    if resume:
-        raise ConfigError("pool training keeps no checkpoint to resume; rerun without --resume "
-                          "(into a new --output_dir if this one holds a finished pool)")
     dataset, model = load_data_and_model(config)
-    prepare_workdir(workdir, resume=False)
-    write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
+    start_run(config, workdir, name)
     t0 = time.perf_counter()
     params, epoch_losses = train_pool(dataset, model, config, progress=progress)
     jax.block_until_ready(params)

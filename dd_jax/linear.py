@@ -27,7 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from dd_jax.errors import ConfigError, DivergedError
-from dd_jax.experiment import CONFIG, RESULTS, machine_info, prepare_workdir
+from dd_jax.experiment import RESULTS, machine_info, start_run
 from dd_jax.inner import inner_train
 from dd_jax.meta import Learned, init_learned, meta_loss
 from dd_jax.models import Model
@@ -246,11 +246,7 @@ def run_linear(config, workdir: str | Path, *, name: str = "", resume: bool = Fa
     returns what results.json holds."""
     workdir = Path(workdir)
     validate_linear_config(config)
-    if resume:
-        raise ConfigError("the linear analysis keeps no checkpoint (a run takes about a minute of "
-                          "CPU); drop --resume and rerun with a new --output_dir=DIR")
-    prepare_workdir(workdir, resume=False)
-    write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
+    start_run(config, workdir, name)
 
     key = jax.random.PRNGKey(config.seed)
     problem = make_problem(jax.random.fold_in(key, DATA_STREAM), config.dim,

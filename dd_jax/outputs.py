@@ -154,3 +154,10 @@ class MetricsLog:
     def __call__(self, row: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def markdown_table(columns: list[str] | tuple[str, ...], rows: list) -> str:
+    """A markdown table of `rows` (sequences of cells, printed with str) under `columns`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

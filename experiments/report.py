@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from dd_jax.errors import ConfigError, DDJaxError
+from dd_jax.outputs import markdown_table
 from experiments.paper import paper_result
 
 DEFAULT_DIRS = ("runs", "results")
@@ -75,11 +76,6 @@ def table_lines(results: dict, run: str) -> list[tuple[str, ...]]:
     return lines
 
 
-def markdown_table(lines: list[tuple[str, ...]]) -> str:
-    rows = [HEADER, ("---",) * len(HEADER), *lines]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
-
-
 def relative(path: Path, base: Path) -> str:
     return os.path.relpath(path, base.resolve())
 
@@ -104,7 +100,7 @@ def report(dirs: list[Path], out: Path | None = None, warn=print) -> str:
         raise ConfigError(f"no finished run (results.json) under {where}; "
                           "run an experiment first, or name run directories")
     lines.sort(key=lambda cells: (cells[0], cells[-1]))  # stable: a run's rows keep their order
-    text = markdown_table(lines)
+    text = markdown_table(HEADER, lines)
     if images:
         text += "\n\nDistilled images:\n\n" + "\n".join(
             f"![{name}]({png})" for name, png in sorted(images))

@@ -223,7 +223,7 @@ def test_cli_run_m_at_least_d_reaches_a_much_lower_excess_loss(tiny_run):
 @pytest.mark.parametrize("flags, fragments", [
     (["--max_points=2"], ["max_points (2) must be >= dim (3)"]),
     (["--noise=-1"], ["noise must be >= 0"]),
-    (["--resume"], ["keeps no checkpoint"]),
+    (["--resume"], ["nothing can be resumed"]),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, flags, fragments):
     rc, _, err = call_main([*TINY, *flags, f"--output_dir={tmp_path / 'x'}"])

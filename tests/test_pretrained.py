@@ -449,7 +449,7 @@ def test_adaptation_run_rows_and_reevaluation(adaptation):
     (["digits_to_mnist", "--pool_eval_nets=3", "--n_eval_nets=2", "--n_eval_nets_during=2"],
      ["pool of 4 networks", "n_nets=4"]),
     (["digits_pool", "--pool_optimizer=lbfgs"], ["unknown pool_optimizer 'lbfgs'"]),
-    (["digits_pool", "--resume"], ["keeps no checkpoint to resume"]),
+    (["digits_pool", "--resume"], ["nothing can be resumed"]),
     (["digits_pool", "--kind=bake"], ["unknown kind 'bake'"]),
 ])
 def test_bad_pretrained_input_is_a_one_line_error(adaptation, tmp_path, args, fragments):

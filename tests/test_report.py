@@ -9,6 +9,7 @@ import shutil
 
 from conftest import ROOT
 from experiments import report
+from dd_jax.outputs import markdown_table
 from experiments.paper import PAPER, paper_result
 
 
@@ -17,6 +18,11 @@ def call_report(args) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = report.main([str(a) for a in args])
     return rc, out.getvalue(), err.getvalue()
+
+
+def test_markdown_table_prints_cells_under_columns():
+    assert markdown_table(["a", "b"], [[1, 2], ("x", 0.5)]).splitlines() == [
+        "| a | b |", "|---|---|", "| 1 | 2 |", "| x | 0.5 |"]
 
 
 def pct(x: float) -> str:
