@@ -153,6 +153,34 @@ def make_tiny_convnet(num_classes: int = 10, pool: bool = False, patches_up_to: 
     return TinyConv()
 
 
+# --------------------------------------------------------------------------- finite differences
+
+
+def finite_difference_check(f, h: float):
+    """Jitted (x, v) -> (grad f(x), <grad f(x), v>, (f(x + h v) - f(x - h v)) / 2h) for a
+    scalar function f of a pytree x and a direction v of x's structure."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def check(x, v):
+        grad = jax.grad(f)(x)
+        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(v)))
+        plus = jax.tree.map(lambda a, d: a + h * d, x, v)
+        minus = jax.tree.map(lambda a, d: a - h * d, x, v)
+        return grad, analytic, (f(plus) - f(minus)) / (2 * h)
+
+    return check
+
+
+def assert_matches_finite_difference(analytic, numeric, rtol: float):
+    """|analytic - numeric| <= rtol * the larger of the two, along a direction where f moves."""
+    analytic, numeric = float(analytic), float(numeric)
+    assert abs(numeric) > 1e-6, "degenerate direction: the test would be vacuous"
+    rel = abs(analytic - numeric) / max(abs(numeric), abs(analytic))
+    assert rel <= rtol, (analytic, numeric, rel)
+
+
 @pytest.fixture(scope="session")
 def tiny_mlp():
     return make_tiny_mlp()

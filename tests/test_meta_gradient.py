@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_tiny_convnet, make_tiny_mlp
+from conftest import (assert_matches_finite_difference, finite_difference_check,
+                      make_tiny_convnet, make_tiny_mlp)
 from dd_jax.meta import Learned, meta_loss
 from dd_jax.models import as_model
 
@@ -39,29 +40,6 @@ def _problem(model_fn, n_nets: int, seed: int):
     real_x = jnp.asarray(rng.normal(size=(12, HW, HW, 1)))
     real_y = jnp.asarray(rng.integers(0, K, size=12), jnp.int32)
     return learned, labels, init_params, real_x, real_y, model.apply
-
-
-def _checker(labels, init_params, real_x, real_y, apply_fn, remat):
-    """Jitted (learned, v) -> (grad, <grad, v>, central difference along v)."""
-    f = functools.partial(meta_loss, labels=labels, init_params=init_params, real_x=real_x,
-                          real_y=real_y, apply_fn=apply_fn, epochs=EPOCHS, remat=remat)
-
-    @jax.jit
-    def check(learned, v):
-        grad = jax.grad(f)(learned)
-        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(v)))
-        plus = jax.tree.map(lambda a, d: a + H_FD * d, learned, v)
-        minus = jax.tree.map(lambda a, d: a - H_FD * d, learned, v)
-        return grad, analytic, (f(plus) - f(minus)) / (2 * H_FD)
-
-    return check
-
-
-def _assert_close(analytic, numeric):
-    analytic, numeric = float(analytic), float(numeric)
-    assert abs(numeric) > 1e-6, "degenerate direction: the test would be vacuous"
-    rel = abs(analytic - numeric) / max(abs(numeric), abs(analytic))
-    assert rel < RTOL, (analytic, numeric, rel)
 
 
 def _unit(a):
@@ -99,7 +77,9 @@ def test_meta_gradient_matches_finite_differences(model_name, n_nets, remat):
         assert learned.images.dtype == jnp.float64
         assert jax.tree.leaves(init_params)[0].dtype == jnp.float64
         assert jax.tree.leaves(init_params)[0].shape[0] == n_nets
-        check = _checker(labels, init_params, real_x, real_y, apply_fn, remat)
+        check = finite_difference_check(functools.partial(
+            meta_loss, labels=labels, init_params=init_params, real_x=real_x, real_y=real_y,
+            apply_fn=apply_fn, epochs=EPOCHS, remat=remat), H_FD)
         rng = np.random.default_rng(100 + n_nets)
         zeros_img = jnp.zeros_like(learned.images)
         zeros_eta = jnp.zeros_like(learned.raw_step_sizes)
@@ -126,7 +106,7 @@ def test_meta_gradient_matches_finite_differences(model_name, n_nets, remat):
 
         for v in directions:
             grad, analytic, numeric = check(learned, v)
-            _assert_close(analytic, numeric)
+            assert_matches_finite_difference(analytic, numeric, RTOL)
         assert grad.images.shape == learned.images.shape
         assert grad.raw_step_sizes.shape == learned.raw_step_sizes.shape
         assert grad.images.dtype == jnp.float64
