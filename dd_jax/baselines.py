@@ -338,7 +338,7 @@ def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool 
     distilled = load_reference(config, dataset) if config.distilled else None
     t0 = time.perf_counter()
     maker = BaselineMaker(dataset, model, config)  # checks the split before anything is written
-    start_run(config, workdir, name)
+    start_run(config, workdir, name, resume)
 
     rows = []
     for method in tqdm(methods, desc="baselines", disable=not progress, dynamic_ncols=True):

@@ -40,17 +40,21 @@ RUNNERS: dict[str, str] = {
     "linear": "dd_jax.linear:run_linear",
     "pretrain_pool": "dd_jax.experiment:run_pool",
 }
-# The kinds whose runs checkpoint, so that --resume continues them; `run` refuses it for the rest.
-RESUMABLE = ("distill",)
 
 
-def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
+def start_run(config, workdir: Path, name: str, resume: bool, checkpoints: bool = False) -> None:
     """Creates `workdir` and writes the run's config.json, refusing to overwrite an earlier
-    run's checkpoint or results, and to resume no run.
+    run's checkpoint or results, to resume no run, and to resume a run that keeps no
+    checkpoint (``checkpoints=False``).
 
     A directory whose run stopped before its first checkpoint holds nothing worth keeping:
     a plain rerun starts afresh there, and so does --resume.
     """
+    if resume and not checkpoints:
+        kind = config.get("kind", "distill")
+        raise ConfigError(f"a {kind!r} run keeps no checkpoint, so nothing can be resumed; "
+                          "rerun without --resume (with a new --output_dir=DIR if this one "
+                          "holds a finished run)")
     if resume and not (workdir / CONFIG).exists():
         raise ConfigError(f"nothing to resume: {workdir} holds no run; drop --resume")
     if not resume and any((workdir / f).exists() for f in (CHECKPOINT, RESULTS)):
@@ -81,10 +85,6 @@ def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
     kind = config.get("kind", "distill")
     if kind not in RUNNERS:
         raise ConfigError(f"unknown kind {kind!r}; choose one of: {', '.join(RUNNERS)}")
-    if resume and kind not in RESUMABLE:
-        raise ConfigError(f"a {kind!r} run keeps no checkpoint, so nothing can be resumed; "
-                          "rerun without --resume (with a new --output_dir=DIR if this one "
-                          "holds a finished run)")
     module, function = RUNNERS[kind].split(":")
     runner = getattr(importlib.import_module(module), function)
     return runner(config, workdir, name=name, resume=resume, progress=progress)
@@ -96,7 +96,7 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     workdir = Path(workdir)
     validate_config(config)
     dataset, model = load_data_and_model(config)
-    start_run(config, workdir, name, resume)
+    start_run(config, workdir, name, resume, checkpoints=True)
 
     resume = resume and (workdir / CHECKPOINT).exists()
     keep_until = checkpoint_meta(workdir / CHECKPOINT)["iteration"] if resume else None
@@ -160,7 +160,7 @@ def run_pool(config, workdir: str | Path, *, name: str = "", resume: bool = Fals
     workdir = Path(workdir)
     validate_pool_config(config)
     dataset, model = load_data_and_model(config)
-    start_run(config, workdir, name)
+    start_run(config, workdir, name, resume)
     t0 = time.perf_counter()
     params, epoch_losses = train_pool(dataset, model, config, progress=progress)
     jax.block_until_ready(params)

@@ -246,7 +246,7 @@ def run_linear(config, workdir: str | Path, *, name: str = "", resume: bool = Fa
     returns what results.json holds."""
     workdir = Path(workdir)
     validate_linear_config(config)
-    start_run(config, workdir, name)
+    start_run(config, workdir, name, resume)
 
     key = jax.random.PRNGKey(config.seed)
     problem = make_problem(jax.random.fold_in(key, DATA_STREAM), config.dim,

@@ -42,6 +42,13 @@ def _problem(model_fn, n_nets: int, seed: int):
     return learned, labels, init_params, real_x, real_y, model.apply
 
 
+def _checker(labels, init_params, real_x, real_y, apply_fn, remat):
+    """Jitted (learned, v) -> (grad, <grad, v>, central difference along v) of meta_loss."""
+    return finite_difference_check(functools.partial(
+        meta_loss, labels=labels, init_params=init_params, real_x=real_x, real_y=real_y,
+        apply_fn=apply_fn, epochs=EPOCHS, remat=remat), H_FD)
+
+
 def _unit(a):
     return jnp.asarray(a / np.linalg.norm(a.ravel()))
 
@@ -77,9 +84,7 @@ def test_meta_gradient_matches_finite_differences(model_name, n_nets, remat):
         assert learned.images.dtype == jnp.float64
         assert jax.tree.leaves(init_params)[0].dtype == jnp.float64
         assert jax.tree.leaves(init_params)[0].shape[0] == n_nets
-        check = finite_difference_check(functools.partial(
-            meta_loss, labels=labels, init_params=init_params, real_x=real_x, real_y=real_y,
-            apply_fn=apply_fn, epochs=EPOCHS, remat=remat), H_FD)
+        check = _checker(labels, init_params, real_x, real_y, apply_fn, remat)
         rng = np.random.default_rng(100 + n_nets)
         zeros_img = jnp.zeros_like(learned.images)
         zeros_eta = jnp.zeros_like(learned.raw_step_sizes)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import dd_jax
-from conftest import make_tiny_mlp
+from conftest import assert_matches_finite_difference, make_tiny_mlp
 from dd_jax.config import default_config
 from dd_jax.data import NORMALISATION, load_dataset, parse_libsvm
 from dd_jax.errors import ConfigError, DataError
@@ -23,7 +23,7 @@ from dd_jax.pretrain import (Pool, check_pool, load_pool, pool_fingerprint, pool
                              save_pool, train_pool)
 from dd_jax.regimes import make_regime
 from test_cli import assert_one_line_error, call_main
-from test_meta_gradient import EPOCHS, K, STEPS, _assert_close, _checker, _problem, _unit
+from test_meta_gradient import EPOCHS, K, STEPS, RTOL, _checker, _problem, _unit
 
 
 def labelled_pool(n: int, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -107,7 +107,7 @@ def test_pretrained_meta_gradient_matches_finite_differences(name, n_nets):
             directions.append(dd_jax.Learned(zeros_img, jnp.asarray(np.eye(STEPS * EPOCHS)[t])))
         for v in directions:
             grad, analytic, numeric = check(learned, v)
-            _assert_close(analytic, numeric)
+            assert_matches_finite_difference(analytic, numeric, RTOL)
         assert bool(jnp.all(jnp.abs(grad.raw_step_sizes) > 0))
 
 
