@@ -329,8 +329,10 @@ def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool 
     `workdir` - baseline_<method>.npz/.png and results.json with one row per set."""
     from tqdm.auto import tqdm
 
-    from dd_jax.experiment import RESULTS, load_data_and_model, machine_info, start_run
+    from dd_jax.experiment import (RESULTS, load_data_and_model, machine_info, refuse_resume,
+                                   start_run)
 
+    refuse_resume(config, resume)
     workdir = Path(workdir)
     validate_baselines_config(config)
     methods = parse_methods(config.baselines)
@@ -338,7 +340,7 @@ def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool 
     distilled = load_reference(config, dataset) if config.distilled else None
     t0 = time.perf_counter()
     maker = BaselineMaker(dataset, model, config)  # checks the split before anything is written
-    start_run(config, workdir, name, resume)
+    start_run(config, workdir, name)
 
     rows = []
     for method in tqdm(methods, desc="baselines", disable=not progress, dynamic_ncols=True):

@@ -42,19 +42,22 @@ RUNNERS: dict[str, str] = {
 }
 
 
-def start_run(config, workdir: Path, name: str, resume: bool, checkpoints: bool = False) -> None:
+def refuse_resume(config, resume: bool) -> None:
+    """The first call of a runner whose runs keep no checkpoint: --resume is a one-line error,
+    before any data is loaded."""
+    if resume:
+        raise ConfigError(f"a {config.get('kind', 'distill')!r} run keeps no checkpoint, so "
+                          "nothing can be resumed; rerun without --resume (with a new "
+                          "--output_dir=DIR if this one holds a finished run)")
+
+
+def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
     """Creates `workdir` and writes the run's config.json, refusing to overwrite an earlier
-    run's checkpoint or results, to resume no run, and to resume a run that keeps no
-    checkpoint (``checkpoints=False``).
+    run's checkpoint or results, and to resume no run.
 
     A directory whose run stopped before its first checkpoint holds nothing worth keeping:
     a plain rerun starts afresh there, and so does --resume.
     """
-    if resume and not checkpoints:
-        kind = config.get("kind", "distill")
-        raise ConfigError(f"a {kind!r} run keeps no checkpoint, so nothing can be resumed; "
-                          "rerun without --resume (with a new --output_dir=DIR if this one "
-                          "holds a finished run)")
     if resume and not (workdir / CONFIG).exists():
         raise ConfigError(f"nothing to resume: {workdir} holds no run; drop --resume")
     if not resume and any((workdir / f).exists() for f in (CHECKPOINT, RESULTS)):
@@ -96,7 +99,7 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     workdir = Path(workdir)
     validate_config(config)
     dataset, model = load_data_and_model(config)
-    start_run(config, workdir, name, resume, checkpoints=True)
+    start_run(config, workdir, name, resume)
 
     resume = resume and (workdir / CHECKPOINT).exists()
     keep_until = checkpoint_meta(workdir / CHECKPOINT)["iteration"] if resume else None
@@ -157,10 +160,11 @@ def run_pool(config, workdir: str | Path, *, name: str = "", resume: bool = Fals
              progress: bool = True) -> dict:
     """Trains config.pool_size networks on the config's dataset; writes pool.npz (with each
     network's test accuracy) and results.json (their mean +- std) into `workdir`."""
+    refuse_resume(config, resume)
     workdir = Path(workdir)
     validate_pool_config(config)
     dataset, model = load_data_and_model(config)
-    start_run(config, workdir, name, resume)
+    start_run(config, workdir, name)
     t0 = time.perf_counter()
     params, epoch_losses = train_pool(dataset, model, config, progress=progress)
     jax.block_until_ready(params)

@@ -27,7 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from dd_jax.errors import ConfigError, DivergedError
-from dd_jax.experiment import RESULTS, machine_info, start_run
+from dd_jax.experiment import RESULTS, machine_info, refuse_resume, start_run
 from dd_jax.inner import inner_train
 from dd_jax.meta import Learned, init_learned, meta_loss
 from dd_jax.models import Model
@@ -244,9 +244,10 @@ def run_linear(config, workdir: str | Path, *, name: str = "", resume: bool = Fa
                progress: bool = True) -> dict:
     """The sweep M = 1..max_points into `workdir` (config.json, results.json, the plot);
     returns what results.json holds."""
+    refuse_resume(config, resume)
     workdir = Path(workdir)
     validate_linear_config(config)
-    start_run(config, workdir, name, resume)
+    start_run(config, workdir, name)
 
     key = jax.random.PRNGKey(config.seed)
     problem = make_problem(jax.random.fold_in(key, DATA_STREAM), config.dim,

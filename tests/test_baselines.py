@@ -255,7 +255,7 @@ def test_random_baselines_use_the_held_out_inits(tiny_runs):
     ("--baselines=random_real,knn", "--baselines="),
     ("--step_size_grid=0.1,x", "--step_size_grid="),
     ("--score_holdout=1497", "score_holdout=1497"),
-    ("--resume --score_holdout=300", "nothing can be resumed"),
+    ("--resume", "nothing can be resumed"),
     ("--knn_k=101 --score_holdout=300", "knn_k=101"),
 ])
 def test_bad_baselines_input_is_one_line(flag, fragment, tmp_path):
