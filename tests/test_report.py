@@ -8,8 +8,8 @@ import os
 import shutil
 
 from conftest import ROOT
-from experiments import report
 from dd_jax.outputs import markdown_table
+from experiments import report
 from experiments.paper import PAPER, paper_result
 
 
