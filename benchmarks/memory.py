@@ -14,6 +14,10 @@ in a fresh process and reports two figures:
   kernel's high-water mark (VmHWM) reset through /proc/self/clear_refs (Linux). Steps whose
   compiled temporary memory exceeds --max_run_gb are compiled but not executed.
   (ru_maxrss, the whole process's peak including compilation, is reported too.)
+- on an accelerator (GPU), the device allocator's peak bytes in use after the step minus its
+  bytes in use just before (`Device.memory_stats`). That peak cannot be reset, so it counts only
+  if the step raised it above the peak before it (compilation's autotuning can set a higher one);
+  otherwise the row says "<= peak before".
 
 Prints one JSON line per (T, remat), a markdown table, and the ratios T=max / T=min.
 """
@@ -77,6 +81,11 @@ def _release_free_heap() -> None:
         pass
 
 
+def _device_memory() -> dict | None:
+    """The default device's allocator statistics (bytes), or None where it keeps none (CPU)."""
+    return jax.local_devices()[0].memory_stats()
+
+
 def measure(dataset, model_fn, config, max_run_bytes: float = float("inf")) -> dict:
     """Compiles one outer meta-step of (dataset, model_fn, config) and reads XLA's memory
     analysis; then, if its temporary memory is at most `max_run_bytes`, runs it once (its first
@@ -96,11 +105,20 @@ def measure(dataset, model_fn, config, max_run_bytes: float = float("inf")) -> d
     if analysis.temp_size_in_bytes > max_run_bytes:
         return {**row, "executed": False, "rss_peak_delta_mb": None}
     _release_free_heap()
+    device_before = _device_memory()
     before_kb = _proc_status_kb("VmRSS")
     reset = _reset_peak_rss()
     state, loss = compiled(*args)
     jax.block_until_ready((state, loss))
     peak_kb = _proc_status_kb("VmHWM")
+    if device_before is not None:
+        peak = _device_memory()["peak_bytes_in_use"]
+        row.update({
+            "device_in_use_before_mb": device_before["bytes_in_use"] / MB,
+            "device_peak_before_mb": device_before["peak_bytes_in_use"] / MB,
+            "device_peak_delta_mb": (peak - device_before["bytes_in_use"]) / MB,
+            "device_peak_raised": peak > device_before["peak_bytes_in_use"],
+        })
     return {
         **row, "executed": True,
         "rss_before_mb": None if before_kb is None else before_kb / 1024,
@@ -134,11 +152,16 @@ def main(argv: list[str]) -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     fmt = lambda v: "not run" if v is None else f"{v:.1f}"
+    device = any("device_peak_delta_mb" in r for r in rows)
+    device_peak = lambda r: ("not run" if "device_peak_delta_mb" not in r
+                             else fmt(r["device_peak_delta_mb"]) if r["device_peak_raised"]
+                             else f"<= {r['device_peak_before_mb'] - r['device_in_use_before_mb']:.1f}")
     print()
     print(markdown_table(
-        ["T", "remat", "XLA temp MiB", "XLA args MiB", "peak RSS above start MiB"],
+        ["T", "remat", "XLA temp MiB", "XLA args MiB", "peak RSS above start MiB"]
+        + (["device peak above start MiB"] if device else []),
         [[r["T"], r["remat"], fmt(r["xla_temp_mb"]), fmt(r["xla_argument_mb"]),
-          fmt(r["rss_peak_delta_mb"])] for r in rows]))
+          fmt(r["rss_peak_delta_mb"])] + ([device_peak(r)] if device else []) for r in rows]))
     for remat in (False, True):
         same = [r for r in rows if r["remat"] == remat]
         lo, hi = same[0], same[-1]

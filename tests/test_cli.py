@@ -196,6 +196,12 @@ def test_list(capsys):
     assert len([l for l in out.splitlines() if l.strip()]) == len(EXPERIMENTS)
 
 
+def test_long_schedule_is_b256_with_twice_the_passes():
+    long, b256 = EXPERIMENTS["mnist_fixed_init_long"](), EXPERIMENTS["mnist_fixed_init_b256"]()
+    assert {k for k in long if long[k] != b256[k]} == {"passes", "decay_passes"}
+    assert (long.passes, long.decay_passes) == (2 * b256.passes, 2 * b256.decay_passes)
+
+
 def test_help(capsys):
     assert cli.main(["--help"]) == 0
     assert "python -m experiments.run" in capsys.readouterr().out

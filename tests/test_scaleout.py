@@ -190,6 +190,20 @@ def test_memory_measure_smoke(digits28):
     assert skipped["xla_temp_mb"] == row["xla_temp_mb"]
 
 
+@pytest.mark.parametrize("peak_after_mb, raised", [(80, True), (50, False)])
+def test_memory_measure_reads_the_device_allocator(digits28, monkeypatch, peak_after_mb, raised):
+    """Where the device keeps allocator statistics (GPU), the row has the step's peak above the
+    bytes in use before it, and whether the step raised the peak (it cannot be reset)."""
+    import benchmarks.memory as memory
+
+    stats = iter([{"bytes_in_use": 10 * memory.MB, "peak_bytes_in_use": 50 * memory.MB},
+                  {"bytes_in_use": 12 * memory.MB, "peak_bytes_in_use": peak_after_mb * memory.MB}])
+    monkeypatch.setattr(memory, "_device_memory", lambda: next(stats))
+    row = memory.measure(digits28, make_tiny_convnet(), _tiny())
+    assert row["device_in_use_before_mb"] == 10 and row["device_peak_before_mb"] == 50
+    assert row["device_peak_delta_mb"] == peak_after_mb - 10 and row["device_peak_raised"] is raised
+
+
 def test_n_nets_python_loop_equals_vmap(digits28):
     from benchmarks.n_nets import check_same_updates
 
