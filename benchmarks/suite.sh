@@ -37,7 +37,7 @@ for part in $parts; do
       n_nets=${FIT_N_NETS:-64,256,1024}
       for n in ${n_nets//,/ }; do
         run fit python -m benchmarks.memory --child=1 --T=30 --remat=False --init_regime=random \
-          --n_nets="$n" --real_batch_size=1024 --max_run_gb="${MAX_RUN_GB:-3}"
+          --images_per_class=1 --n_nets="$n" --real_batch_size=1024 --max_run_gb="${MAX_RUN_GB:-3}"
         run fit python -m benchmarks.outer_step mnist_random_init --n_nets="$n" --iterations=20
       done ;;
     tta)
