@@ -2,16 +2,17 @@
 # The benchmarks of this directory in one go, on whatever device JAX picks (the GPU where the
 # CUDA build of jaxlib is installed), each one's output in OUT/<part>.txt.
 #
-#   bash benchmarks/suite.sh OUT [PART ...]     # PARTs: speed n_nets memory fit tta (default: all)
+#   bash benchmarks/suite.sh OUT [PART ...]     # PARTs: speed torch n_nets memory fit tta (default: all)
 #
 # Environment: ITERATIONS (speed, default 100), MAX_RUN_GB (memory: largest compiled step that is
 # executed, default 3), FIT_N_NETS (fit: n_nets of mnist_random_init to try, default 64,256,1024),
 # TTA (tta: experiment[:flags] runs separated by ';', default mnist_fixed_init), MINUTES (tta
-# budget per run, default 10), EVERY (tta evaluation interval, default 500).
+# budget per run, default 10), EVERY (tta evaluation interval, default 500), TORCH_PYTHON (a
+# python with torch, for the authors' algorithm: default python) and TORCH_DEVICE (default cpu).
 set -u
-out=${1:?usage: bash benchmarks/suite.sh OUT [speed n_nets memory fit tta]}
+out=${1:?usage: bash benchmarks/suite.sh OUT [speed torch n_nets memory fit tta]}
 shift
-parts=${*:-speed n_nets memory fit tta}
+parts=${*:-speed torch n_nets memory fit tta}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,9 @@ for part in $parts; do
         run speed python -m benchmarks.outer_step mnist_fixed_init mnist_fixed_init_100 \
           mnist_random_init --iterations="${ITERATIONS:-100}" --conv=$conv
       done ;;
+    torch)  # the authors' algorithm in PyTorch, mnist_fixed_init, for the same-hardware ratio
+      run torch "${TORCH_PYTHON:-python}" benchmarks/torch_reference.py \
+        --iterations="${ITERATIONS:-100}" --device="${TORCH_DEVICE:-cpu}" ;;
     n_nets)
       run n_nets python -m benchmarks.n_nets --n_nets_list=1,4,16 --iterations=50 --budget_s=30 ;;
     memory)
@@ -47,6 +51,6 @@ for part in $parts; do
         run tta python -m benchmarks.time_to_accuracy "${words[@]}" --minutes="${MINUTES:-10}" \
           --every="${EVERY:-500}" --out="$out/tta$i" --plot=1
       done ;;
-    *) echo "unknown part '$part' (speed n_nets memory fit tta)" >&2; exit 2 ;;
+    *) echo "unknown part '$part' (speed torch n_nets memory fit tta)" >&2; exit 2 ;;
   esac
 done

@@ -1,6 +1,7 @@
 """Seconds per outer iteration of the AUTHORS' PyTorch algorithm, mnist_fixed_init, on this machine.
 
     /work/torchvenv/bin/python benchmarks/torch_reference.py --iterations=60 [--warmup=3] [--threads=2] [--check]
+        [--device=cuda]
 
 A stand-alone re-creation (plain PyTorch + numpy, no dd_jax import) of one outer iteration of
 SsnL/dataset-distillation as run by its README's "fixed known initialization" MNIST command
@@ -61,6 +62,8 @@ Deliberate differences / NOT confirmed:
   (`--threads`) and read the loadavg fields printed alongside.
 - `--check` compares the manual meta-gradient against plain autograd through the whole unroll
   (create_graph) once, as a correctness check of this re-creation (not of theirs).
+- `--device=cuda` builds everything on the GPU (`torch.set_default_device`) and waits for the
+  GPU before each iteration's clock is read, for a comparison on the same GPU.
 """
 from __future__ import annotations
 
@@ -239,9 +242,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--real_batch", type=int, default=1024)
     ap.add_argument("--check", action="store_true", help="also check the meta-gradient once")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    torch.set_default_device(args.device)
+    on_gpu = torch.device(args.device).type == "cuda"
     # their StepLR.step() comes before optimizer.step() (pre-1.1 PyTorch convention); keep it quiet
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
     torch.manual_seed(1)
@@ -259,6 +265,8 @@ def main() -> None:
         rdata, rlabel = batches[it % len(batches)]
         t = time.perf_counter()
         loss = distiller.outer_iteration(rdata, rlabel, new_pass=(it % per_pass == 0))
+        if on_gpu:
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t
         losses.append(float(loss))
         if it >= args.warmup:
@@ -268,7 +276,7 @@ def main() -> None:
            "experiment": "mnist_fixed_init", "median_s": float(med), "q1_s": float(q1),
            "q3_s": float(q3), "iterations": args.iterations, "warmup": args.warmup,
            "T": distiller.T, "n_images": sum(d.shape[0] for d in distiller.data),
-           "real_batch": args.real_batch, "torch": torch.__version__,
+           "real_batch": args.real_batch, "device": args.device, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "first_loss": losses[0], "last_loss": losses[-1],
            "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
            "machine": {"platform": platform.platform(), "python": platform.python_version(),
