@@ -17,7 +17,7 @@ in a fresh process and reports two figures:
 - on an accelerator (GPU), the device allocator's peak bytes in use after the step minus its
   bytes in use just before (`Device.memory_stats`). That peak cannot be reset, so it counts only
   if the step raised it above the peak before it (compilation's autotuning can set a higher one);
-  otherwise the row says "<= peak before".
+  otherwise the table gives "<= " the earlier peak above the bytes in use before the step.
 
 Prints one JSON line per (T, remat), a markdown table, and the ratios T=max / T=min.
 """
