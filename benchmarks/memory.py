@@ -20,6 +20,9 @@ in a fresh process and reports two figures:
   otherwise the table gives "<= " the earlier peak above the bytes in use before the step.
 
 Prints one JSON line per (T, remat), a markdown table, and the ratios T=max / T=min.
+
+One named experiment's meta-step instead (its own T; --remat and --field=value still apply),
+one JSON line: python -m benchmarks.memory --child=1 --experiment=NAME [--field=value ...]
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import machine_info, machine_line, parse_flags
+from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags
 from dd_jax.config import default_config
 from dd_jax.experiment import load_data_and_model
 from dd_jax.outer import build_outer_loop
@@ -129,8 +132,12 @@ def measure(dataset, model_fn, config, max_run_bytes: float = float("inf")) -> d
 
 
 def _child(argv: list[str]) -> None:
-    _, flags, overrides = parse_flags(argv, {"child": True, "T": 30, "remat": False, "max_run_gb": 3.0})
-    config = memory_config(flags["T"], flags["remat"], overrides)
+    _, flags, overrides = parse_flags(
+        argv, {"child": True, "T": 30, "remat": False, "max_run_gb": 3.0, "experiment": ""})
+    if flags["experiment"]:
+        config = experiment_config(flags["experiment"], {**overrides, "remat": str(flags["remat"])})
+    else:
+        config = memory_config(flags["T"], flags["remat"], overrides)
     print(json.dumps(measure(*load_data_and_model(config), config, flags["max_run_gb"] * 2**30)))
 
 
@@ -153,9 +160,8 @@ def main(argv: list[str]) -> None:
             rows.append(row)
     fmt = lambda v: "not run" if v is None else f"{v:.1f}"
     device = any("device_peak_delta_mb" in r for r in rows)
-    device_peak = lambda r: ("not run" if "device_peak_delta_mb" not in r
-                             else fmt(r["device_peak_delta_mb"]) if r["device_peak_raised"]
-                             else f"<= {r['device_peak_before_mb'] - r['device_in_use_before_mb']:.1f}")
+    device_peak = lambda r: ("not run" if "device_peak_delta_mb" not in r else
+                             ("" if r["device_peak_raised"] else "<= ") + fmt(r["device_peak_delta_mb"]))
     print()
     print(markdown_table(
         ["T", "remat", "XLA temp MiB", "XLA args MiB", "peak RSS above start MiB"]

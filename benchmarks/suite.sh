@@ -40,8 +40,8 @@ for part in $parts; do
     fit)  # mnist_random_init's meta-step (T=30, real batch 1024) with many nets: memory and time
       n_nets=${FIT_N_NETS:-64,256,1024}
       for n in ${n_nets//,/ }; do
-        run fit python -m benchmarks.memory --child=1 --T=30 --remat=False --init_regime=random \
-          --images_per_class=1 --n_nets="$n" --real_batch_size=1024 --max_run_gb="${MAX_RUN_GB:-3}"
+        run fit python -m benchmarks.memory --child=1 --experiment=mnist_random_init --n_nets="$n" \
+          --max_run_gb="${MAX_RUN_GB:-3}"
         run fit python -m benchmarks.outer_step mnist_random_init --n_nets="$n" --iterations=20
       done ;;
     tta)

@@ -204,6 +204,17 @@ def test_memory_measure_reads_the_device_allocator(digits28, monkeypatch, peak_a
     assert row["device_peak_delta_mb"] == peak_after_mb - 10 and row["device_peak_raised"] is raised
 
 
+def test_memory_child_measures_a_named_experiment(capsys):
+    """--experiment=NAME measures that experiment's own meta-step (its T, not the sweep's),
+    with --remat and --field=value applied."""
+    import benchmarks.memory as memory
+
+    memory.main(["--child=1", "--experiment=mnist_fixed_init", "--dataset=digits", "--remat=True",
+                 "--max_run_gb=0"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["T"] == 3 and row["remat"] is True and row["executed"] is False
+
+
 def test_n_nets_python_loop_equals_vmap(digits28):
     from benchmarks.n_nets import check_same_updates
 
