@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 from typing import Any, Callable
 
@@ -12,9 +13,25 @@ import jax
 import jaxlib
 import numpy as np
 
+from dd_jax.errors import ConfigError, DDJaxError
 from dd_jax.experiment import machine_info as run_machine_info
-from experiments.configs import EXPERIMENTS
-from experiments.run import apply_overrides, parse_args, parse_value
+from experiments.run import apply_overrides, named_config, parse_args, parse_value
+
+
+def run_main(main: Callable[[list[str]], Any], usage: str, argv: list[str] | None = None) -> int:
+    """A benchmark's command line: ``main(argv)``, or `usage` on --help / -h; bad input (a
+    `DDJaxError`: an unknown experiment or flag, a value of the wrong type) is printed as one
+    line on stderr with exit status 2 instead of a traceback. Returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage)
+        return 0
+    try:
+        main(argv)
+    except DDJaxError as e:
+        print(f"error: {e}\n(--help shows the benchmark's flags)", file=sys.stderr)
+        return 2
+    return 0
 
 
 def machine_info() -> dict:
@@ -45,19 +62,35 @@ def time_steps(step: Callable[[Any, int], tuple[Any, Any]], carry: Any, iteratio
 
 
 def parse_flags(
-    argv: list[str], own: dict[str, Any],
+    argv: list[str], own: dict[str, Any], takes_names: bool = True,
 ) -> tuple[list[str], dict[str, Any], dict[str, str]]:
     """argv -> (experiment names, the benchmark's `own` flags converted to their defaults'
-    types, the remaining --field=value overrides for the experiment configs)."""
+    types, the remaining --field=value overrides for the experiment configs). A benchmark
+    that does not ``takes_names`` accepts --flag=value arguments only."""
     names = [a for a in argv if not a.startswith("--")]
-    _, overrides, _ = parse_args([a for a in argv if a.startswith("--")])
+    if names and not takes_names:
+        raise ConfigError(f"unexpected argument {names[0]!r}: this benchmark takes only "
+                          "--flag=value arguments")
+    _, overrides, switches = parse_args([a for a in argv if a.startswith("--")])
+    if switches:
+        raise ConfigError(f"--{sorted(switches)[0]} is an experiments.run switch, not a "
+                          "benchmark flag; drop it")
     flags = {k: parse_value(k, overrides.pop(k), v) if k in overrides else v for k, v in own.items()}
     return names, flags, overrides
 
 
+def number_list(flag: str, text: str, kind: type = int) -> list:
+    """'30,100,300' -> [30, 100, 300]: a comma-separated flag value as numbers of `kind`."""
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--{flag}={text!r}: expected a comma-separated list of "
+                          f"{kind.__name__}s") from None
+
+
 def experiment_config(name: str, overrides: dict[str, str]):
     """The named experiment's config with --field=value overrides."""
-    return apply_overrides(EXPERIMENTS[name](), overrides)
+    return apply_overrides(named_config(name), overrides)
 
 
 def machine_line(machine: dict) -> str:

@@ -37,7 +37,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags
+from benchmarks.common import (experiment_config, machine_info, machine_line, number_list,
+                               parse_flags, run_main)
 from dd_jax.config import default_config
 from dd_jax.experiment import load_data_and_model
 from dd_jax.outer import build_outer_loop
@@ -144,11 +145,12 @@ def _child(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if "--child=1" in argv:
         return _child(argv)
-    _, flags, overrides = parse_flags(argv, {"T": "30,100,300", "max_run_gb": 3.0})
+    _, flags, overrides = parse_flags(argv, {"T": "30,100,300", "max_run_gb": 3.0},
+                                      takes_names=False)
     machine = machine_info()
     extra = [f"--{k}={v}" for k, v in overrides.items()]
     rows = []
-    for T in (int(t) for t in flags["T"].split(",")):
+    for T in number_list("T", flags["T"]):
         for remat in (False, True):
             cmd = [sys.executable, "-m", "benchmarks.memory", "--child=1", f"--T={T}",
                    f"--remat={remat}", f"--max_run_gb={flags['max_run_gb']}", *extra]
@@ -178,4 +180,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, __doc__))

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, time_steps
+from benchmarks.common import (experiment_config, machine_info, machine_line, number_list,
+                               parse_flags, run_main, time_steps)
 from dd_jax.experiment import load_data_and_model
 from dd_jax.meta import meta_loss
 from dd_jax.outer import DistillState, OuterLoop, build_outer_loop, make_optimizer
@@ -94,11 +95,12 @@ def time_method(dataset, model_fn, config, method: str, iterations: int, budget_
 
 
 def main(argv: list[str]) -> None:
-    _, flags, overrides = parse_flags(argv, {"n_nets_list": "1,4,16", "iterations": 50,
-                                             "budget_s": 120.0, "experiment": "mnist_random_init"})
+    own = {"n_nets_list": "1,4,16", "iterations": 50, "budget_s": 120.0,
+           "experiment": "mnist_random_init"}
+    _, flags, overrides = parse_flags(argv, own, takes_names=False)
     machine = machine_info()
     rows, dataset = [], None
-    for n in (int(v) for v in flags["n_nets_list"].split(",")):
+    for n in number_list("n_nets_list", flags["n_nets_list"]):
         config = experiment_config(flags["experiment"], {**overrides, "n_nets": str(n)})
         if dataset is None:
             dataset, model = load_data_and_model(config)
@@ -124,4 +126,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, __doc__))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, time_steps
+from benchmarks.common import (experiment_config, machine_info, machine_line, parse_flags,
+                               run_main, time_steps)
 from dd_jax.experiment import load_data_and_model
 from dd_jax.outer import build_outer_loop
 from dd_jax.outputs import markdown_table
@@ -43,4 +44,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, __doc__))

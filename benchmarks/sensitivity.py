@@ -13,10 +13,11 @@ import sys
 
 import jax
 
-from benchmarks.common import machine_info, machine_line, parse_flags
+from benchmarks.common import machine_info, machine_line, number_list, parse_flags, run_main
 from dd_jax.data import load_dataset
+from dd_jax.errors import ConfigError
 from dd_jax.evaluation import evaluation_setup
-from dd_jax.models import MODELS, as_model
+from dd_jax.models import as_model, get_model
 from dd_jax.outputs import load_distilled, markdown_table
 
 
@@ -37,13 +38,16 @@ def main(argv: list[str]) -> None:
     paths, flags, rest = parse_flags(argv, {"draws": 5, "scales": "1e-6,1e-5,1e-4,1e-3",
                                             "dataset": "mnist", "model": "lenet"})
     if len(paths) != 1 or rest:
-        sys.exit(__doc__)
+        raise ConfigError("give one distilled.npz path and only the flags --draws, --scales, "
+                          f"--dataset, --model; got {' '.join(argv) or 'nothing'}")
     distilled = load_distilled(paths[0])
     if distilled.init_params is None:
-        sys.exit(f"{paths[0]} has no theta_0: only fixed-init distilled data can be checked")
-    scales = [float(s) for s in flags["scales"].split(",")]
-    accs = perturbed_accuracies(distilled, load_dataset(flags["dataset"]),
-                                as_model(MODELS[flags["model"]]()), scales, flags["draws"])
+        raise ConfigError(f"{paths[0]} has no theta_0: only fixed-init distilled data can be "
+                          "checked")
+    scales = number_list("scales", flags["scales"], float)
+    dataset = load_dataset(flags["dataset"])
+    model = as_model(get_model(flags["model"], dataset.num_classes))
+    accs = perturbed_accuracies(distilled, dataset, model, scales, flags["draws"])
     print(markdown_table(["noise std", "test accuracy % (each draw)", "range"],
                          [[f"{s:g}", ", ".join(f"{100 * a:.2f}" for a in v),
                            f"{100 * (max(v) - min(v)):.2f}"] for s, v in accs.items()]))
@@ -52,4 +56,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, __doc__))

@@ -73,11 +73,17 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str], set[str]]:
     return name, overrides, switches
 
 
-def resolve_config(name: str, overrides: dict[str, str], resume: bool):
-    """The experiment's config with overrides; on --resume, the saved run's config instead."""
+def named_config(name: str):
+    """A fresh copy of the named experiment's ConfigDict; ConfigError listing the names if
+    there is none."""
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; valid names: {', '.join(EXPERIMENTS)}")
-    config = EXPERIMENTS[name]()
+    return EXPERIMENTS[name]()
+
+
+def resolve_config(name: str, overrides: dict[str, str], resume: bool):
+    """The experiment's config with overrides; on --resume, the saved run's config instead."""
+    config = named_config(name)
     workdir = Path(overrides.get("output_dir") or config.output_dir or f"runs/{name}")
     saved = workdir / "config.json"
     if resume and saved.exists():

@@ -177,6 +177,42 @@ def test_time_steps_counts_and_budget():
     assert time_steps(step, 0, iterations=100, warmup=0, budget_s=0.0)["iterations"] == 1
 
 
+BENCHMARKS = ("memory", "n_nets", "outer_step", "sensitivity", "time_to_accuracy")
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+@pytest.mark.parametrize("argv, status, says", [
+    (["--help"], 0, "python -m benchmarks."),
+    (["no_such_experiment"], 2, "error: "),
+    (["--quiet"], 2, "--quiet is an experiments.run switch"),
+])
+def test_benchmark_command_lines(name, argv, status, says, capsys, monkeypatch):
+    """--help prints the usage and runs nothing; bad input is one line and exit status 2."""
+    import importlib
+
+    from benchmarks.common import run_main
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    monkeypatch.setattr(module, "load_data_and_model", None, raising=False)  # never reached
+    assert run_main(module.main, module.__doc__, argv) == status
+    out, err = capsys.readouterr()
+    assert says in (out if status == 0 else err) and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("flag, text, kind, expected", [
+    ("T", "30,100,300", int, [30, 100, 300]), ("scales", "1e-5,0.1", float, [1e-5, 0.1]),
+    ("T", "30,x", int, None), ("scales", "", float, None),
+])
+def test_number_list(flag, text, kind, expected):
+    from benchmarks.common import number_list
+
+    if expected is None:
+        with pytest.raises(ConfigError, match=f"--{flag}="):
+            number_list(flag, text, kind)
+    else:
+        assert number_list(flag, text, kind) == expected
+
+
 def test_memory_measure_smoke(digits28):
     from benchmarks.memory import measure
 
