@@ -1,11 +1,16 @@
 """Seconds per outer iteration of named experiments' configs (median after warm-up).
 
     python -m benchmarks.outer_step mnist_fixed_init [more names] [--iterations=60] [--field=value]
+        [--mock_examples=N]
 
 Prints one JSON line per experiment and a markdown table; the machine and versions included.
+With --mock_examples=N a tensorflow-datasets dataset is replaced by N random examples of its
+real shapes (`tfds.testing.mock_data`): timing an experiment whose data is not prepared here,
+e.g. cifar10_fixed_init. MNIST and digits are carried, not mocked.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -24,13 +29,24 @@ def time_outer_steps(config, iterations: int, warmup: int = 3) -> dict:
     return timing
 
 
+def mock_data(examples: int):
+    """tfds' mock data with `examples` examples per split, or no change for 0."""
+    if not examples:
+        return contextlib.nullcontext()
+    import tensorflow_datasets as tfds
+
+    return tfds.testing.mock_data(num_examples=examples)
+
+
 def main(argv: list[str]) -> None:
-    names, flags, overrides = parse_flags(argv, {"iterations": 60})
+    names, flags, overrides = parse_flags(argv, {"iterations": 60, "mock_examples": 0})
     machine = machine_info()
     rows = []
     for name in names or ["mnist_fixed_init"]:
         config = experiment_config(name, overrides)
-        row = {"experiment": name, **time_outer_steps(config, flags["iterations"]),
+        with mock_data(flags["mock_examples"]):
+            timing = time_outer_steps(config, flags["iterations"])
+        row = {"experiment": name, **timing, "mock_examples": flags["mock_examples"],
                "n_nets": config.n_nets, "T": config.steps * config.epochs,
                "real_batch": config.real_batch_size, "conv": config.conv, "machine": machine}
         print(json.dumps(row))
@@ -38,7 +54,8 @@ def main(argv: list[str]) -> None:
     print()
     print(markdown_table(
         ["experiment", "T", "n_nets", "real batch", "s / outer iteration (median [q1, q3])"],
-        [[r["experiment"], r["T"], r["n_nets"], r["real_batch"],
+        [[r["experiment"] + (f" (mock data, {m} examples)" if (m := r["mock_examples"]) else ""),
+          r["T"], r["n_nets"], r["real_batch"],
           f"{r['median_s']:.4f} [{r['q1_s']:.4f}, {r['q3_s']:.4f}]"] for r in rows]))
     print(machine_line(machine))
 

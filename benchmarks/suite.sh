@@ -2,17 +2,20 @@
 # The benchmarks of this directory in one go, on whatever device JAX picks (the GPU where the
 # CUDA build of jaxlib is installed), each one's output in OUT/<part>.txt.
 #
-#   bash benchmarks/suite.sh OUT [PART ...]     # PARTs: speed torch n_nets memory fit tta (default: all)
+#   bash benchmarks/suite.sh OUT [PART ...]     # PARTs: speed torch n_nets memory fit tta cifar
+#                                               # (default: all)
 #
 # Environment: ITERATIONS (speed, default 100), MAX_RUN_GB (memory: largest compiled step that is
 # executed, default 3), FIT_N_NETS (fit: n_nets of mnist_random_init to try, default 64,256,1024),
 # TTA (tta: experiment[:flags] runs separated by ';', default mnist_fixed_init), MINUTES (tta
 # budget per run, default 10), EVERY (tta evaluation interval, default 500), TORCH_PYTHON (a
 # python with torch, for the authors' algorithm: default python) and TORCH_DEVICE (default cpu).
+# cifar times the CIFAR-10 experiments on tensorflow-datasets' mock data (random pixels of the
+# real shapes; needs tensorflow-datasets), CIFAR_ITERATIONS of them (default 20).
 set -u
-out=${1:?usage: bash benchmarks/suite.sh OUT [speed torch n_nets memory fit tta]}
+out=${1:?usage: bash benchmarks/suite.sh OUT [speed torch n_nets memory fit tta cifar]}
 shift
-parts=${*:-speed torch n_nets memory fit tta}
+parts=${*:-speed torch n_nets memory fit tta cifar}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
@@ -51,6 +54,11 @@ for part in $parts; do
         run tta python -m benchmarks.time_to_accuracy "${words[@]}" --minutes="${MINUTES:-10}" \
           --every="${EVERY:-500}" --out="$out/tta$i" --plot=1
       done ;;
-    *) echo "unknown part '$part' (speed torch n_nets memory fit tta)" >&2; exit 2 ;;
+    cifar)  # AlexCifarNet, T=30, real batch 1024: the pixel values do not change the work
+      for conv in toeplitz xla; do
+        run cifar python -m benchmarks.outer_step cifar10_fixed_init cifar10_random_init \
+          --iterations="${CIFAR_ITERATIONS:-20}" --mock_examples=2048 --conv=$conv
+      done ;;
+    *) echo "unknown part '$part' (speed torch n_nets memory fit tta cifar)" >&2; exit 2 ;;
   esac
 done
