@@ -62,15 +62,16 @@ def time_steps(step: Callable[[Any, int], tuple[Any, Any]], carry: Any, iteratio
 
 
 def parse_flags(
-    argv: list[str], own: dict[str, Any], takes_names: bool = True,
+    argv: list[str], own: dict[str, Any], max_names: int | None = None,
 ) -> tuple[list[str], dict[str, Any], dict[str, str]]:
     """argv -> (experiment names, the benchmark's `own` flags converted to their defaults'
-    types, the remaining --field=value overrides for the experiment configs). A benchmark
-    that does not ``takes_names`` accepts --flag=value arguments only."""
+    types, the remaining --field=value overrides for the experiment configs); ConfigError
+    for more than `max_names` names (None: any number)."""
     names = [a for a in argv if not a.startswith("--")]
-    if names and not takes_names:
-        raise ConfigError(f"unexpected argument {names[0]!r}: this benchmark takes only "
-                          "--flag=value arguments")
+    if max_names is not None and len(names) > max_names:
+        takes = f"at most {max_names} name" if max_names else "only --flag=value arguments"
+        raise ConfigError(f"unexpected argument {names[max_names]!r}: this benchmark takes "
+                          f"{takes}")
     _, overrides, switches = parse_args([a for a in argv if a.startswith("--")])
     if switches:
         raise ConfigError(f"--{sorted(switches)[0]} is an experiments.run switch, not a "

@@ -145,8 +145,7 @@ def _child(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if "--child=1" in argv:
         return _child(argv)
-    _, flags, overrides = parse_flags(argv, {"T": "30,100,300", "max_run_gb": 3.0},
-                                      takes_names=False)
+    _, flags, overrides = parse_flags(argv, {"T": "30,100,300", "max_run_gb": 3.0}, max_names=0)
     machine = machine_info()
     extra = [f"--{k}={v}" for k, v in overrides.items()]
     rows = []

@@ -97,7 +97,7 @@ def time_method(dataset, model_fn, config, method: str, iterations: int, budget_
 def main(argv: list[str]) -> None:
     own = {"n_nets_list": "1,4,16", "iterations": 50, "budget_s": 120.0,
            "experiment": "mnist_random_init"}
-    _, flags, overrides = parse_flags(argv, own, takes_names=False)
+    _, flags, overrides = parse_flags(argv, own, max_names=0)
     machine = machine_info()
     rows, dataset = [], None
     for n in number_list("n_nets_list", flags["n_nets_list"]):

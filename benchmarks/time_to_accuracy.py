@@ -21,7 +21,6 @@ from typing import Callable
 
 from benchmarks.common import (experiment_config, machine_info, machine_line, parse_flags,
                                run_main)
-from dd_jax.errors import ConfigError
 from dd_jax.experiment import load_data_and_model
 from dd_jax.outer import build_outer_loop
 from dd_jax.outputs import markdown_table, saved_figure, write_json
@@ -115,9 +114,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str]) -> None:
     names, flags, overrides = parse_flags(
-        argv, {"minutes": 10.0, "every": 100, "target": 0.938, "out": "", "plot": False})
-    if len(names) > 1:
-        raise ConfigError(f"one experiment at a time, got {', '.join(names)}")
+        argv, {"minutes": 10.0, "every": 100, "target": 0.938, "out": "", "plot": False},
+        max_names=1)
     name = names[0] if names else "mnist_fixed_init"
     config = experiment_config(name, overrides)
     machine = machine_info()
