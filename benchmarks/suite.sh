@@ -29,7 +29,7 @@ run() {  # run PART COMMAND...: prints the command, then its output, also into O
 for part in $parts; do
   case $part in
     speed)
-      for conv in toeplitz xla; do
+      for conv in native toeplitz xla; do
         run speed python -m benchmarks.outer_step mnist_fixed_init mnist_fixed_init_100 \
           mnist_random_init --iterations="${ITERATIONS:-100}" --conv=$conv
       done ;;
@@ -55,7 +55,7 @@ for part in $parts; do
           --every="${EVERY:-500}" --out="$out/tta$i" --plot=1
       done ;;
     cifar)  # AlexCifarNet, T=30, real batch 1024: the pixel values do not change the work
-      for conv in toeplitz xla; do
+      for conv in native toeplitz xla; do
         run cifar python -m benchmarks.outer_step cifar10_fixed_init cifar10_random_init \
           --iterations="${CIFAR_ITERATIONS:-20}" --mock_examples=2048 --conv=$conv
       done ;;

@@ -17,7 +17,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train_subset = 0  # use the first N training images (0 = all)
     c.test_subset = 0  # evaluate on the first N test images (0 = the full test set)
     c.model = "lenet"
-    c.conv = "toeplitz"  # "toeplitz" (fast on CPU) or "xla" (flax.linen.Conv); same function
+    c.conv = "native"  # "native" (C++ kernels on CPU), "toeplitz" or "xla"; same function (models.CONVS)
     # initialisation regime
     c.init_regime = "fixed"  # fixed, random, fixed_pretrained or random_pretrained (regimes.py)
     c.init_dist = "xavier_normal"  # see dd_jax.INIT_DISTRIBUTIONS, or 'model'

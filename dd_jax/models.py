@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dd_jax import native
 from dd_jax.errors import ConfigError
 
 Params = Any
@@ -101,8 +102,9 @@ def _pool_blocks(y: jax.Array) -> jax.Array:
 
 
 def _toeplitz_conv(x: jax.Array, kernel: jax.Array, padding: int, pool: bool) -> jax.Array:
-    """The convolution (N, H, W, Ci) -> (N*Ho/s, s*s*(Wo/s)*Co) as one matmul of stacked
-    input rows with the row-Toeplitz kernel (s = 2 with ``pool``, columns as `_pool_blocks`)."""
+    """The convolution (N, H, W, Ci) -> (N*Ho/s, (Wo/s)*Co) as one matmul of stacked input
+    rows with the row-Toeplitz kernel, whose columns are ordered as `_pool_blocks` for the 2x2
+    max pooling of ``pool`` (s = 2)."""
     kh, kw, cin, _ = kernel.shape
     n, _, w, _ = x.shape
     p, s = padding, 2 if pool else 1
@@ -116,19 +118,29 @@ def _toeplitz_conv(x: jax.Array, kernel: jax.Array, padding: int, pool: bool) ->
     per_window = t.shape[0] // (s * w * cin)
     rows = (h - kh + 1) // s
     windows = jnp.stack([groups[:, j : j + rows] for j in range(per_window)], axis=2)
-    return windows.reshape(n * rows, -1) @ t
+    out = windows.reshape(n * rows, -1) @ t
+    return max_pool_blocks(out) if pool else out
 
 
 def _patches_conv(x: jax.Array, kernel: jax.Array, padding: int, pool: bool) -> jax.Array:
     """`_toeplitz_conv`'s outputs from im2col patches, (N*Ho*Wo, kh*kw*Ci) @ the kernel:
-    (N, Ho, Wo, Co), or as `_pool_blocks` with ``pool``."""
+    (N, Ho, Wo, Co), or (N*Ho/2, (Wo/2)*Co) pooled with ``pool``."""
     kh, kw, cin, co = kernel.shape
     n, h, w, _ = x.shape
     ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     patches = jnp.stack([x[:, i : i + ho, j : j + wo] for i in range(kh) for j in range(kw)], axis=3)
     y = (patches.reshape(n * ho * wo, kh * kw * cin) @ kernel.reshape(-1, co)).reshape(n, ho, wo, co)
-    return _pool_blocks(y) if pool else y
+    return max_pool_blocks(_pool_blocks(y)) if pool else y
+
+
+def _native_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: int, pool: bool,
+                 relu: bool) -> jax.Array:
+    """The layer's output (N, H, W, Ci) -> (N, Ho/s, Wo/s, Co) from the C++ kernels
+    (`dd_jax.native`, CPU only), pooled, biased and rectified there, in their blocked layout
+    (so XLA cancels the layout changes between layers)."""
+    y = native.conv_layer(native.to_blocked(x), kernel, bias, padding, pool, relu)
+    return native.from_blocked(y, x.shape[0])
 
 
 class ToeplitzConv(nn.Module):
@@ -149,7 +161,9 @@ class ToeplitzConv(nn.Module):
 
     Batches of at most ``patches_up_to`` images (the distilled batches of the inner loop) are
     convolved from im2col patches instead: there the per-op cost of building T from the
-    kernel at every inner step outweighs the Toeplitz form's larger matmuls.
+    kernel at every inner step outweighs the Toeplitz form's larger matmuls. With ``native``,
+    the larger batches are convolved by the C++ kernels of `dd_jax.native` on CPU (when they
+    could be built): direct convolutions, several times faster than the Toeplitz matmul there.
     x (N, H, W, Ci) -> (N, Ho, Wo, features), Ho = H + 2p - kh + 1 (halved with ``pool``).
     """
 
@@ -158,6 +172,8 @@ class ToeplitzConv(nn.Module):
     padding: int = 0
     pool: bool = False
     patches_up_to: int = 64
+    native: bool = False
+    relu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -173,15 +189,22 @@ class ToeplitzConv(nn.Module):
         if ho % s or wo % s:
             raise ConfigError(f"2x2 pooling needs an even convolution output, got {ho}x{wo}")
         conv = _patches_conv if n <= self.patches_up_to else _toeplitz_conv
-        out = conv(x, kernel, self.padding, self.pool)
-        if self.pool:
-            out = max_pool_blocks(out)
-        return out.reshape(n, ho // s, wo // s, self.features) + bias
+
+        def in_xla(x, kernel, bias):
+            out = conv(x, kernel, self.padding, self.pool).reshape(n, ho // s, wo // s, -1) + bias
+            return nn.relu(out) if self.relu else out
+
+        if n > self.patches_up_to and self.native and native.enabled():
+            on_cpu = functools.partial(_native_conv, padding=self.padding, pool=self.pool,
+                                       relu=self.relu)
+            return jax.lax.platform_dependent(x, kernel, bias, cpu=on_cpu, default=in_xla)
+        return in_xla(x, kernel, bias)
 
 
 # What a model's ``conv`` field selects: the same function, the same parameters.
-# 'toeplitz' (ToeplitzConv) is the fast one on XLA:CPU; 'xla' is flax.linen.Conv.
-CONVS = ("toeplitz", "xla")
+# 'native' (ToeplitzConv with the C++ kernels of dd_jax.native for large batches on CPU) is the
+# fast one on CPU, 'toeplitz' (ToeplitzConv) the fastest in pure XLA; 'xla' is flax.linen.Conv.
+CONVS = ("native", "toeplitz", "xla")
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -192,10 +215,10 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 def conv5x5(kind: str, features: int, padding: int, name: str, model: str) -> nn.Module:
-    """A 5x5 stride-1 convolution layer of kind ``'toeplitz'`` (`ToeplitzConv`) or ``'xla'``
-    (``flax.linen.Conv``): the same function with the same parameters."""
-    if kind == "toeplitz":
-        return ToeplitzConv(features, (5, 5), padding, name=name)
+    """A 5x5 stride-1 convolution layer of kind ``'native'`` or ``'toeplitz'`` (`ToeplitzConv`)
+    or ``'xla'`` (``flax.linen.Conv``): the same function with the same parameters."""
+    if kind in ("native", "toeplitz"):
+        return ToeplitzConv(features, (5, 5), padding, native=kind == "native", name=name)
     if kind == "xla":
         return nn.Conv(features, (5, 5), padding=padding, name=name)
     raise ConfigError(f"{model} conv must be one of {', '.join(CONVS)}; got {kind!r}")
@@ -205,25 +228,26 @@ class LeNet(nn.Module):
     """LeNet-5 of the paper: conv5x5-6, pool, conv5x5-16, pool, fc120, fc84, fc(classes), ReLU.
 
     28x28 inputs are zero-padded by 2 in the first convolution (as the authors' code does), so
-    both 28x28 and 32x32 inputs reach a 5x5x16 feature map. ``conv='toeplitz'`` (default) and
-    ``conv='xla'`` compute the same function with the same parameter tree.
+    both 28x28 and 32x32 inputs reach a 5x5x16 feature map. ``conv`` 'native' (default),
+    'toeplitz' and 'xla' compute the same function with the same parameter tree (`CONVS`).
     """
 
     num_classes: int = 10
-    conv: str = "toeplitz"
+    conv: str = "native"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         pad = 2 if x.shape[1] == 28 else 0
 
-        def conv_pool(x, features, padding, name):
-            """max_pool_2x2(conv(x)): with relu after it, the same as pooling relu(conv(x))."""
-            if self.conv == "toeplitz":
-                return ToeplitzConv(features, (5, 5), padding, pool=True, name=name)(x)
-            return max_pool_2x2(conv5x5(self.conv, features, padding, name, "LeNet")(x))
+        def conv_pool_relu(x, features, padding, name):
+            """relu(max_pool_2x2(conv(x))): the same as pooling relu(conv(x))."""
+            if self.conv in ("native", "toeplitz"):
+                return ToeplitzConv(features, (5, 5), padding, pool=True, relu=True,
+                                    native=self.conv == "native", name=name)(x)
+            return nn.relu(max_pool_2x2(conv5x5(self.conv, features, padding, name, "LeNet")(x)))
 
-        x = nn.relu(conv_pool(x, 6, pad, "conv1"))
-        x = nn.relu(conv_pool(x, 16, 0, "conv2"))
+        x = conv_pool_relu(x, 6, pad, "conv1")
+        x = conv_pool_relu(x, 16, 0, "conv2")
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(120, name="fc1")(x))
         x = nn.relu(nn.Dense(84, name="fc2")(x))
@@ -262,7 +286,7 @@ class AlexCifarNet(nn.Module):
     """
 
     num_classes: int = 10
-    conv: str = "toeplitz"
+    conv: str = "native"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -278,7 +302,7 @@ class AlexCifarNet(nn.Module):
 MODELS: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet, "alexcifarnet": AlexCifarNet}
 
 
-def get_model(name: str, num_classes: int, conv: str = "toeplitz") -> nn.Module:
+def get_model(name: str, num_classes: int, conv: str = "native") -> nn.Module:
     """The named architecture of a config (``config.model``)."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")

@@ -135,9 +135,11 @@ def make_tiny_mlp(hidden: int = 6, num_classes: int = 10):
     return TinyMLP()
 
 
-def make_tiny_convnet(num_classes: int = 10, pool: bool = False, patches_up_to: int = 64):
+def make_tiny_convnet(num_classes: int = 10, pool: bool = False, patches_up_to: int = 64,
+                      native: bool = False):
     """A tiny conv net: the library's Toeplitz conv (3x3, 2 features, optionally with its fused
-    2x2 max pooling; batches of at most `patches_up_to` images from patches), tanh, dense."""
+    2x2 max pooling; batches of at most `patches_up_to` images from patches, larger ones through
+    the C++ kernels with `native`), tanh, dense."""
     import flax.linen as nn
 
     from dd_jax.models import ToeplitzConv
@@ -146,7 +148,7 @@ def make_tiny_convnet(num_classes: int = 10, pool: bool = False, patches_up_to: 
         @nn.compact
         def __call__(self, x):
             x = nn.tanh(ToeplitzConv(2, (3, 3), 1, pool=pool, patches_up_to=patches_up_to,
-                                     name="conv")(x))
+                                     native=native, name="conv")(x))
             x = x.reshape(x.shape[0], -1)
             return nn.Dense(num_classes, name="fc")(x)
 

@@ -66,6 +66,11 @@ CASES = [
     # the Toeplitz matmul
     pytest.param("conv-pool-mixed", 1, False, id="conv-pool-mixed-1net"),
     pytest.param("conv-pool-mixed", 3, True, id="conv-pool-mixed-3nets-vmap-remat"),
+    # the C++ kernels (dd_jax.native) for every batch, so also differentiated twice in the
+    # inner loop, and as LeNet runs by default: the real batch only
+    pytest.param("conv-pool-native", 1, False, id="conv-pool-native-1net"),
+    pytest.param("conv-pool-native", 3, True, id="conv-pool-native-3nets-vmap-remat"),
+    pytest.param("conv-pool-native-mixed", 3, False, id="conv-pool-native-mixed-3nets-vmap"),
 ]
 
 MODELS = {
@@ -73,6 +78,9 @@ MODELS = {
     "conv": lambda: make_tiny_convnet(K),
     "conv-pool": lambda: make_tiny_convnet(K, pool=True),
     "conv-pool-mixed": lambda: make_tiny_convnet(K, pool=True, patches_up_to=IPC * K),
+    "conv-pool-native": lambda: make_tiny_convnet(K, pool=True, patches_up_to=0, native=True),
+    "conv-pool-native-mixed": lambda: make_tiny_convnet(K, pool=True, patches_up_to=IPC * K,
+                                                        native=True),
 }
 
 

@@ -63,8 +63,9 @@ class AuthorsLeNet(nn.Module):
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 1), (32, 32, 3)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("batch", [3, 70], ids=["batch3", "batch70"])
 def test_lenet_equals_plain_flax_lenet(shape, conv, batch):
-    """Both conv paths compute the authors' LeNet: same parameter tree, outputs and gradients
-    (the 'toeplitz' path convolves 3 images from patches and 70 with the Toeplitz matmul)."""
+    """Every conv path computes the authors' LeNet: same parameter tree, outputs and gradients
+    (the 'toeplitz' and 'native' paths convolve 3 images from patches, 70 with the Toeplitz
+    matmul or the C++ kernels)."""
     rng = np.random.default_rng(sum(shape))
     x = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, size=batch), jnp.int32)
@@ -89,20 +90,21 @@ def test_lenet_equals_plain_flax_lenet(shape, conv, batch):
     assert logits.shape == (batch, 10)
 
 
-@pytest.mark.parametrize("patches_up_to", [0, 64], ids=["toeplitz", "patches"])
+@pytest.mark.parametrize("patches_up_to, native", [(0, False), (64, False), (0, True)],
+                         ids=["toeplitz", "patches", "native"])
 @pytest.mark.parametrize("pool", [False, True], ids=["conv", "conv+pool"])
 @pytest.mark.parametrize(
     "x_shape, kernel, padding",
     [((2, 8, 7, 3), (3, 2), 1), ((2, 8, 9, 2), (3, 4), 0), ((1, 6, 6, 1), (5, 5), 2)],
     ids=["3x2-pad1", "3x4-pad0", "5x5-pad2"],
 )
-def test_toeplitz_conv_matches_flax_conv(x_shape, kernel, padding, pool, patches_up_to):
+def test_toeplitz_conv_matches_flax_conv(x_shape, kernel, padding, pool, patches_up_to, native):
     """The building block alone (non-square kernels, padding, several channels), with and
-    without the fused 2x2 max-pool, from the Toeplitz matmul and from patches: outputs and
-    gradients w.r.t. input and parameters."""
+    without the fused 2x2 max-pool, from the Toeplitz matmul, from patches and from the C++
+    kernels: outputs and gradients w.r.t. input and parameters."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
-    a = models.ToeplitzConv(4, kernel, padding, pool=pool, patches_up_to=patches_up_to)
+    a = models.ToeplitzConv(4, kernel, padding, pool=pool, patches_up_to=patches_up_to, native=native)
     b = nn.Conv(4, kernel, padding=padding)
     sa = jax.eval_shape(a.init, jax.random.PRNGKey(0), x)
     sb = jax.eval_shape(b.init, jax.random.PRNGKey(0), x)

@@ -1,0 +1,256 @@
+"""Stage 2, fast path - C++ convolution kernels for XLA:CPU, called through the XLA FFI.
+
+XLA:CPU has no convolution kernel that suits LeNet's narrow layers (1 -> 6 -> 16 channels):
+its native convolution and every matmul formulation waste most of their work. The kernels in
+``_native/conv.cc`` convolve directly, with the images of a block of 32 as the SIMD axis
+("blocked" layout (B, H, W, C, 32)), and use XLA's intra-op thread pool.
+
+The source is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
+for this CPU (``-march=native``) into ``$DD_JAX_CACHE_DIR`` (default ``~/.cache/dd_jax``),
+keyed by the source, the compiler, jaxlib and the CPU, and registered as FFI targets for the
+CPU platform. Without a compiler `available()` is False (a warning says why); then, with
+``DD_JAX_NATIVE=0``, or when JAX's default backend is not the CPU, `enabled()` is False and the
+models use their pure-XLA convolutions (`dd_jax.models.CONVS`).
+
+`conv_layer` (convolution, optionally 2x2 max pooling, bias and relu, in one pass) is
+differentiable to any order: its input gradient is a `conv` (flipped, transposed kernel), its
+kernel gradient `conv_weight_grad`, whose own gradients are `conv`s.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dd_jax.errors import ConfigError
+
+BLOCK = 32  # images per block: the innermost axis of the blocked layout
+SOURCE = Path(__file__).parent / "_native" / "conv.cc"
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC"]
+TARGETS = {"dd_jax_conv_forward": "DdJaxConvForward",
+           "dd_jax_conv_pool_forward": "DdJaxConvPoolForward",
+           "dd_jax_conv_weight_grad": "DdJaxConvWeightGrad"}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """Compiles SOURCE (once per source, compiler, jaxlib and CPU) and returns the library."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join(
+        [SOURCE.read_text(), " ".join(FLAGS), version, jaxlib.__version__, _cpu_flags()]
+    ).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("DD_JAX_CACHE_DIR") or Path.home() / ".cache" / "dd_jax")
+    library = cache / f"dd_jax_conv_{key}.so"
+    if library.exists():
+        return library
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # then an atomic rename: no half files
+        built = Path(tmp) / library.name
+        result = subprocess.run(
+            [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
+            capture_output=True, text=True,
+        )
+        if result.returncode:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, library)
+    return library
+
+
+def enabled() -> bool:
+    """Whether models should use the kernels: JAX's default backend is the CPU, DD_JAX_NATIVE
+    is not 0 and `available()`."""
+    return (jax.default_backend() == "cpu" and os.environ.get("DD_JAX_NATIVE", "1") != "0"
+            and available())
+
+
+@functools.cache
+def available() -> bool:
+    """Builds (if needed), loads and registers the kernels, once per process; False, with a
+    warning saying why, when they cannot be."""
+    compiler = os.environ.get("CXX") or "g++"
+    try:
+        if not shutil.which(compiler):
+            raise RuntimeError(f"no C++ compiler {compiler!r} on PATH")
+        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                        platform="cpu")
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(
+            f"dd_jax: the native CPU convolution kernels are unavailable ({e}); using the "
+            "pure-XLA convolution instead (slower on CPU). Install g++ (or set CXX) to build "
+            "them, or set DD_JAX_NATIVE=0 to choose the XLA path without this warning.",
+            RuntimeWarning, stacklevel=2,
+        )
+        return False
+    return True
+
+
+def _flip(kernel: jax.Array) -> jax.Array:
+    """(kh, kw, Ci, Co) -> (kh, kw, Co, Ci), rotated 180 degrees: the input gradient's kernel."""
+    return jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+
+
+def _transposed(pads: tuple[int, int], kernel_hw: tuple[int, int]) -> tuple[int, int]:
+    """The padding of the input gradient's convolution."""
+    return kernel_hw[0] - 1 - pads[0], kernel_hw[1] - 1 - pads[1]
+
+
+def _ffi(target: str, results: list[tuple[tuple[int, ...], jnp.dtype]], *args: jax.Array,
+         **attrs) -> list[jax.Array]:
+    """Calls FFI `target` on `args` for results of the given (shape, dtype)s. Inside
+    shard_map the results vary over the mesh axes that any argument varies over (the
+    arguments are first made to vary over all of them)."""
+    axes = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in args))
+    args = [jax.lax.pcast(a, tuple(missing), to="varying")
+            if (missing := axes - jax.typeof(a).manual_axis_type.varying) else a for a in args]
+    manual = {}
+    if axes:  # inside shard_map: the results typed as varying on its (manual) mesh
+        template = jax.typeof(args[0])
+        manual = dict(sharding=NamedSharding(template.sharding.mesh, P()),
+                      manual_axis_type=template.manual_axis_type)
+    out = [jax.ShapeDtypeStruct(shape, dtype, **manual) for shape, dtype in results]
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs)
+
+
+def _layer_call(x, kernel, bias, pads, pool, relu):
+    """The FFI call: (y, argmax index) with `pool`, else (y, an empty int8 array)."""
+    b, h, w, _, _ = x.shape
+    kh, kw, _, co = kernel.shape
+    ho, wo = h + 2 * pads[0] - kh + 1, w + 2 * pads[1] - kw + 1
+    args = (x, kernel.astype(x.dtype), bias.astype(x.dtype))
+    attrs = dict(padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]), relu=relu)
+    if not pool:
+        y, = _ffi("dd_jax_conv_forward", [((b, ho, wo, co, BLOCK), x.dtype)], *args, **attrs)
+        return y, jnp.zeros((0,), jnp.int8)
+    shape = (b, ho // 2, wo // 2, co, BLOCK)
+    y, index = _ffi("dd_jax_conv_pool_forward", [(shape, x.dtype), (shape, jnp.int8)], *args, **attrs)
+    return y, index
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _layer(x, kernel, bias, pads, pool, relu):
+    return _layer_call(x, kernel, bias, pads, pool, relu)
+
+
+def _layer_fwd(x, kernel, bias, pads, pool, relu):
+    y, index = _layer(x, kernel, bias, pads, pool, relu)  # itself: differentiable again
+    return (y, index), (x, kernel, y, index)
+
+
+def _layer_bwd(pads, pool, relu, residuals, cotangents):
+    x, kernel, y, index = residuals
+    g = jnp.where(y > 0, cotangents[0], 0) if relu else cotangents[0]
+    dy = unpool(g, index) if pool else g
+    kernel_hw = kernel.shape[:2]
+    return (conv(dy, _flip(kernel), _transposed(pads, kernel_hw)),
+            conv_weight_grad(x, dy, pads, kernel_hw),
+            g.sum((0, 1, 2, 4)))
+
+
+_layer.defvjp(_layer_fwd, _layer_bwd)
+
+
+def conv_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: int | tuple[int, int] = 0,
+               pool: bool = False, relu: bool = False) -> jax.Array:
+    """A convolution layer in the blocked layout, in one pass: stride-1 convolution
+    (cross-correlation; zero padding of `padding` rows and columns, or (rows, columns), on
+    each side, less than the kernel's size), with `pool` 2x2 max pooling (stride 2; an even
+    output needed), + bias, with `relu` rectified.
+    x (B, H, W, Ci, 32), kernel (kh, kw, Ci, Co), bias (Co,) -> (B, Ho, Wo, Co, 32),
+    Ho = H + 2 padding - kh + 1 (halved with pool). Differentiable to any order; the pooling
+    gradient goes to the first maximum of each window in row-major order (PyTorch's)."""
+    pads = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    _check(x, kernel, pads, pool)
+    return _layer(x, kernel, bias, pads, pool, relu)[0]
+
+
+def _check(x: jax.Array, kernel: jax.Array, pads: tuple[int, int], pool: bool) -> None:
+    """ConfigError for what the kernels cannot compute (they would refuse it at run time)."""
+    kh, kw, cin, _ = kernel.shape
+    if x.ndim != 5 or x.shape[4] != BLOCK:
+        raise ConfigError(f"native.conv_layer takes images in the blocked layout (B, H, W, C, "
+                          f"{BLOCK}) (native.to_blocked), got shape {x.shape}")
+    if cin != x.shape[3]:
+        raise ConfigError(f"the kernel has {cin} input channels, the images {x.shape[3]}")
+    if not (0 <= pads[0] < kh and 0 <= pads[1] < kw):
+        raise ConfigError(f"padding {pads} with a {kh}x{kw} kernel: the native convolution pads "
+                          f"less than the kernel's size; use conv='toeplitz' for more")
+    ho, wo = x.shape[1] + 2 * pads[0] - kh + 1, x.shape[2] + 2 * pads[1] - kw + 1
+    if pool and (ho % 2 or wo % 2):
+        raise ConfigError(f"2x2 pooling needs an even convolution output, got {ho}x{wo}")
+    if x.dtype not in (jnp.float32, jnp.float64):
+        raise ConfigError(f"the native convolution computes in float32 or float64, got {x.dtype}")
+
+
+def conv(x: jax.Array, kernel: jax.Array, padding: int | tuple[int, int]) -> jax.Array:
+    """`conv_layer` without bias, pooling or relu."""
+    return conv_layer(x, kernel, jnp.zeros(kernel.shape[3], x.dtype), padding)
+
+
+def _weight_grad_call(x, dy, pads, kernel_hw):
+    dw, = _ffi("dd_jax_conv_weight_grad", [((*kernel_hw, x.shape[3], dy.shape[3]), x.dtype)],
+               x, dy, padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]))
+    return dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_weight_grad(x: jax.Array, dy: jax.Array, pads: tuple[int, int],
+                     kernel_hw: tuple[int, int]) -> jax.Array:
+    """The gradient of ``sum(dy * conv(x, kernel, pads))`` w.r.t. the kernel:
+    x (B, H, W, Ci, 32), dy (B, Ho, Wo, Co, 32) -> (kh, kw, Ci, Co)."""
+    return _weight_grad_call(x, dy, pads, kernel_hw)
+
+
+def _weight_grad_fwd(x, dy, pads, kernel_hw):
+    return conv_weight_grad(x, dy, pads, kernel_hw), (x, dy)
+
+
+def _weight_grad_bwd(pads, kernel_hw, residuals, g):
+    x, dy = residuals
+    return conv(dy, _flip(g), _transposed(pads, kernel_hw)), conv(x, g, pads)
+
+
+conv_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
+
+
+def unpool(g: jax.Array, index: jax.Array) -> jax.Array:
+    """(B, H, W, C, 32) -> (B, 2H, 2W, C, 32): g[b, i, j] placed at position index (0 .. 3,
+    row-major) of its 2x2 window, zeros elsewhere. Linear in g: differentiable as it is."""
+    b, h, w, c, lanes = g.shape
+    where = jnp.arange(4, dtype=jnp.int8).reshape(2, 1, 2, 1, 1)  # (u, ., v, ., .)
+    spread = jnp.where(index[:, :, None, :, None] == where, g[:, :, None, :, None], 0)
+    return spread.reshape(b, 2 * h, 2 * w, c, lanes)
+
+
+def to_blocked(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (ceil(N/32), H, W, C, 32), the batch zero-padded to whole blocks."""
+    n = x.shape[0]
+    x = jnp.pad(x, ((0, -n % BLOCK),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape(-1, BLOCK, *x.shape[1:]).transpose(0, 2, 3, 4, 1)
+
+
+def from_blocked(y: jax.Array, n: int) -> jax.Array:
+    """(B, H, W, C, 32) -> (n, H, W, C): the first n images."""
+    b, h, w, c, _ = y.shape
+    return y.transpose(0, 4, 1, 2, 3).reshape(b * BLOCK, h, w, c)[:n]

@@ -1,0 +1,160 @@
+"""The C++ convolution kernels (dd_jax.native) against lax.conv: outputs, gradients to second
+order (float64, also against finite differences), vmap, bad input, and the fallback."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from dd_jax import native
+from dd_jax.errors import ConfigError
+from dd_jax.models import LeNet
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler here")
+
+
+def reference_layer(x, kernel, bias, padding, pool, relu):
+    """What `native.conv_layer` computes, from lax.conv_general_dilated, NHWC."""
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(padding, padding)] * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=jax.lax.Precision.HIGHEST)
+    if pool:
+        n, h, w, c = y.shape
+        y = y.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    y = y + bias
+    return jax.nn.relu(y) if relu else y
+
+
+def native_layer(x, kernel, bias, padding, pool, relu):
+    """`native.conv_layer` on NHWC images, through the blocked layout."""
+    y = native.conv_layer(native.to_blocked(x), kernel, bias, padding, pool, relu)
+    return native.from_blocked(y, x.shape[0])
+
+
+def _problem(rng, batch, hw, kernel_hw, cin, cout, dtype):
+    x = jnp.asarray(rng.normal(size=(batch, *hw, cin)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(*kernel_hw, cin, cout)), dtype)
+    bias = jnp.asarray(rng.normal(size=(cout,)), dtype)
+    return x, kernel, bias
+
+
+LAYERS = [  # (batch, image hw, kernel hw, padding, pool): batches that are not whole blocks too
+    pytest.param(40, (8, 8), (3, 3), 1, True, id="3x3-pad1-pool-batch40"),
+    pytest.param(32, (8, 7), (3, 2), 1, False, id="3x2-pad1-batch32"),
+    pytest.param(5, (9, 9), (4, 4), 0, True, id="4x4-pad0-pool-batch5"),
+    pytest.param(70, (12, 12), (5, 5), 2, True, id="5x5-pad2-pool-batch70"),
+]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("batch, hw, kernel_hw, padding, pool", LAYERS)
+def test_conv_layer_matches_lax_conv_to_second_order(batch, hw, kernel_hw, padding, pool, relu):
+    """float64: outputs, the gradient w.r.t. images, kernel and bias, and a second derivative
+    (the gradient of <d loss / d kernel, v>, as the meta-gradient takes it) agree with lax.conv."""
+    with jax.enable_x64():
+        rng = np.random.default_rng(batch)
+        args = _problem(rng, batch, hw, kernel_hw, 2, 3, jnp.float64)
+        v = jnp.asarray(rng.normal(size=args[1].shape))
+
+        def derivatives(layer):
+            loss = lambda x, k, b: jnp.sum(jnp.sin(layer(x, k, b, padding, pool, relu)))
+            hvp = lambda x, k, b: jnp.vdot(jax.grad(loss, 1)(x, k, b), v)
+            return (layer(*args, padding, pool, relu), jax.grad(loss, (0, 1, 2))(*args),
+                    jax.grad(hvp, (0, 1, 2))(*args))
+
+        ours, ref = jax.jit(lambda: derivatives(native_layer))(), jax.jit(lambda: derivatives(reference_layer))()
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+            assert a.shape == b.shape and a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["conv", "conv+pool"])
+def test_conv_layer_gradients_match_finite_differences(pool):
+    """float64, first and second order, reverse mode, against central differences."""
+    with jax.enable_x64():
+        args = _problem(np.random.default_rng(3), 3, (6, 6), (3, 3), 2, 2, jnp.float64)
+        f = lambda x, k, b: jnp.tanh(native_layer(x, k, b, 1, pool, True))
+        check_grads(f, args, order=2, modes=["rev"], eps=1e-5)
+
+
+def test_float32_outputs_and_gradients():
+    """The float32 kernels (the ones runs use) within float32 rounding of lax.conv."""
+    args = _problem(np.random.default_rng(4), 64, (14, 14), (5, 5), 6, 16, jnp.float32)
+    loss = lambda layer: lambda *a: jnp.sum(layer(*a, 0, True, True) ** 2)
+    for a, b in zip([native_layer(*args, 0, True, True), *jax.grad(loss(native_layer), (0, 1, 2))(*args)],
+                    [reference_layer(*args, 0, True, True), *jax.grad(loss(reference_layer), (0, 1, 2))(*args)]):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_vmap_over_kernels_equals_a_loop():
+    """n_nets initialisations: the layer vmapped over kernels and biases (the shared images
+    unbatched, as the real batch is) equals one call per net."""
+    rng = np.random.default_rng(5)
+    x, _, _ = _problem(rng, 33, (8, 8), (3, 3), 2, 3, jnp.float32)
+    kernels = jnp.asarray(rng.normal(size=(4, 3, 3, 2, 3)), jnp.float32)
+    biases = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    loss = lambda k, b: jnp.sum(native_layer(x, k, b, 1, True, True) ** 2)
+    batched = jax.vmap(jax.value_and_grad(loss, (0, 1)))(kernels, biases)
+    looped = [jax.value_and_grad(loss, (0, 1))(k, b) for k, b in zip(kernels, biases)]
+    for i, one in enumerate(looped):
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(batched)):
+            np.testing.assert_allclose(np.asarray(b[i]), np.asarray(a), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(padding=3), "padding"),
+    (dict(pool=True, hw=(7, 7)), "even"),
+    (dict(dtype=jnp.float16), "float32 or float64"),
+    (dict(kernel_cin=3), "channels"),
+])
+def test_bad_input_is_a_config_error(bad, message):
+    hw, dtype = bad.get("hw", (8, 8)), bad.get("dtype", jnp.float32)
+    x = native.to_blocked(jnp.zeros((2, *hw, 2), dtype))
+    kernel = jnp.zeros((3, 3, bad.get("kernel_cin", 2), 4), dtype)
+    with pytest.raises(ConfigError, match=message):
+        native.conv_layer(x, kernel, jnp.zeros(4, dtype), bad.get("padding", 1), bad.get("pool", False))
+
+
+def test_without_a_compiler_lenet_falls_back_with_a_warning(monkeypatch, tmp_path):
+    """No C++ compiler: a warning naming the fix, and the 'native' LeNet computes the same
+    function through the Toeplitz path."""
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(70, 28, 28, 1)), jnp.float32)
+    params = LeNet().init(jax.random.PRNGKey(0), x[:1])
+    expected = LeNet(conv="native").apply(params, x)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DD_JAX_CACHE_DIR", str(tmp_path))  # nothing built there
+    native.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="Install g\\+\\+"):
+            assert not native.enabled()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once per process, not per call
+            fallback = LeNet(conv="native").apply(params, x)
+    finally:
+        monkeypatch.undo()
+        native.available.cache_clear()
+    assert native.enabled()
+    np.testing.assert_allclose(np.asarray(fallback), np.asarray(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("DD_JAX_NATIVE", "0")
+    assert not native.enabled()
+    monkeypatch.delenv("DD_JAX_NATIVE")
+    assert native.enabled() == (jax.default_backend() == "cpu")
+
+
+def test_build_is_cached(tmp_path, monkeypatch):
+    """Built once per source, compiler, jaxlib and CPU: a second build returns the same file."""
+    monkeypatch.setenv("DD_JAX_CACHE_DIR", str(tmp_path))
+    compiler = os.environ.get("CXX") or "g++"
+    first = native._build(compiler)
+    mtime = first.stat().st_mtime_ns
+    assert native._build(compiler) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
