@@ -5,12 +5,12 @@ its native convolution and every matmul formulation waste most of their work. Th
 ``_native/conv.cc`` convolve directly, with the images of a block of 32 as the SIMD axis
 ("blocked" layout (B, H, W, C, 32)), and use XLA's intra-op thread pool.
 
-The source is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``)
-for this CPU (``-march=native``) into ``$DD_JAX_CACHE_DIR`` (default ``~/.cache/dd_jax``),
-keyed by the source, the compiler, jaxlib and the CPU, and registered as FFI targets for the
-CPU platform. Without a compiler `available()` is False (a warning says why); then, with
-``DD_JAX_NATIVE=0``, or when JAX's default backend is not the CPU, `enabled()` is False and the
-models use their pure-XLA convolutions (`dd_jax.models.CONVS`).
+`available()` compiles the source on first use with the machine's C++ compiler (``$CXX``,
+else ``g++``) for this CPU (``-march=native``) into ``$DD_JAX_CACHE_DIR`` (default
+``~/.cache/dd_jax``), keyed by the source, the compiler, jaxlib and the CPU, and registers the
+FFI targets for the CPU platform; without a compiler it is False and warns why. The models use
+the kernels when `enabled()`: JAX's default backend is the CPU, ``DD_JAX_NATIVE`` is not 0 and
+they are available; otherwise their pure-XLA convolutions (`dd_jax.models.CONVS`).
 
 `conv_layer` (convolution, optionally 2x2 max pooling, bias and relu, in one pass) is
 differentiable to any order: its input gradient is a `conv` (flipped, transposed kernel), its

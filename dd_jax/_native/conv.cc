@@ -4,13 +4,15 @@
 // images innermost. Every multiply-add then works on whole SIMD registers whatever the channel
 // counts are (LeNet's 1 -> 6 -> 16 channels leave matmuls on channels far too narrow).
 // Kernels are HWIO (kh, kw, Ci, Co); stride 1, zero padding ph rows and pw columns on each side.
-//   DdJaxConvForward:     y[b, i, j, co, :] = act(bias[co] + sum_{di, dj, ci} w[di, dj, ci, co] * x[b, i+di-ph, j+dj-pw, ci, :])
+//   DdJaxConvForward:     y[b, i, j, co, :] =
+//                           act(bias[co] + sum_{di, dj, ci} w[di, dj, ci, co] x[b, i+di-ph, j+dj-pw, ci, :])
 //   DdJaxConvPoolForward: the same with 2x2 max pooling before the bias, and the argmax (int8)
-//   DdJaxConvWeightGrad:  dw[di, dj, ci, co] = sum_{b, i, j, lanes} x[b, i+di-ph, j+dj-pw, ci, :] * dy[b, i, j, co, :]
+//   DdJaxConvWeightGrad:  dw[di, dj, ci, co] =
+//                           sum_{b, i, j, lanes} x[b, i+di-ph, j+dj-pw, ci, :] dy[b, i, j, co, :]
 // act is relu or the identity. The input gradient is DdJaxConvForward of dy with the flipped,
-// transposed kernel and padding (kh-1-ph, kw-1-pw) (native.py): with the weight gradient, the convolution
-// is closed under differentiation. float32 and float64; the blocks are split over XLA's
-// intra-op thread pool.
+// transposed kernel and padding (kh-1-ph, kw-1-pw) (native.py): with the weight gradient, the
+// convolution is closed under differentiation. float32 and float64; the blocks are split over
+// XLA's intra-op thread pool, and the result does not depend on which thread does what.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -127,13 +129,14 @@ inline Vec<T> finish(Vec<T> v, T bias, bool relu) {
 // One output pixel (i, j): y[b, i, j, co0 .. co0+CB-1, :].
 template <typename T, int CB>
 inline void forward_pixel(const Shape& s, const T* xb, const T* w, const T* bias, bool relu,
-                          T* y, int8_t*, int64_t i, int64_t j, int64_t co0) {
+                          T* y, int64_t i, int64_t j, int64_t co0) {
   constexpr int R = kRegsPerBlock<T>;
   Vec<T> acc[CB][R];
   accumulate_pixel<T, CB>(s, xb, w, i, j, co0, acc);
   T* out = y + ((i * s.Wo + j) * s.Co + co0) * kBlock;
   for (int c = 0; c < CB; ++c)
-    for (int r = 0; r < R; ++r) store(out + c * kBlock + r * kLanes<T>, finish(acc[c][r], bias[co0 + c], relu));
+    for (int r = 0; r < R; ++r)
+      store(out + c * kBlock + r * kLanes<T>, finish(acc[c][r], bias[co0 + c], relu));
 }
 
 // One pooled pixel (i, j) of 2x2 max pooling: the max of output pixels (2i+u, 2j+v) and which
@@ -182,14 +185,16 @@ void conv_forward(ffi::ThreadPool& pool, const Shape& s, const T* x, const T* w,
     for (int64_t j = 0; j < cols; ++j)
       for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxCB) {
         const int64_t cb = std::min(kMaxCB, s.Co - co0);
-#define DD_CASE(n)                                                                       \
-  case n:                                                                                \
-    if (max_pool)                                                                        \
-      forward_pool_pixel<T, n>(s, xb, w, bias, relu, y + out, index + out, i, j, co0);               \
-    else                                                                                 \
-      forward_pixel<T, n>(s, xb, w, bias, relu, y + out, nullptr, i, j, co0);                 \
+#define DD_CASE(n)                                                                     \
+  case n:                                                                              \
+    if (max_pool)                                                                      \
+      forward_pool_pixel<T, n>(s, xb, w, bias, relu, y + out, index + out, i, j, co0); \
+    else                                                                               \
+      forward_pixel<T, n>(s, xb, w, bias, relu, y + out, i, j, co0);                   \
     break;
-        switch (cb) { DD_CASE(1) DD_CASE(2) DD_CASE(3) DD_CASE(4) DD_CASE(5) DD_CASE(6) DD_CASE(7) DD_CASE(8) }
+        switch (cb) {
+          DD_CASE(1) DD_CASE(2) DD_CASE(3) DD_CASE(4) DD_CASE(5) DD_CASE(6) DD_CASE(7) DD_CASE(8)
+        }
 #undef DD_CASE
       }
   });
@@ -208,7 +213,8 @@ inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* 
       for (int c = 0; c < CB; ++c) acc[a][c] = Vec<T>{};
     for (int64_t i = i0; i < i1; ++i)
       for (int64_t j = j0; j < j1; ++j) {
-        const T* xp = xb + (((i + di - s.ph) * s.W + (j + dj - s.pw)) * s.Ci + ci0) * kBlock + lane0;
+        const T* xp =
+            xb + (((i + di - s.ph) * s.W + (j + dj - s.pw)) * s.Ci + ci0) * kBlock + lane0;
         const T* dp = dyb + ((i * s.Wo + j) * s.Co + co0) * kBlock + lane0;
         Vec<T> xv[CIB], dv[CB];
         for (int a = 0; a < CIB; ++a) xv[a] = load(xp + a * kBlock);
@@ -217,7 +223,8 @@ inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* 
           for (int c = 0; c < CB; ++c) acc[a][c] += xv[a] * dv[c];
       }
     for (int a = 0; a < CIB; ++a)
-      for (int c = 0; c < CB; ++c) part[((di * s.kw + dj) * s.Ci + ci0 + a) * s.Co + co0 + c] += acc[a][c];
+      for (int c = 0; c < CB; ++c)
+        part[((di * s.kw + dj) * s.Ci + ci0 + a) * s.Co + co0 + c] += acc[a][c];
   }
 }
 
@@ -300,32 +307,35 @@ ffi::Error with_float_type(std::initializer_list<ffi::DataType> types, F f) {
   return ffi::Error::InvalidArgument("dd_jax conv: float32 or float64 only");
 }
 
-ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int64_t ph,
-                           int64_t pw, bool relu) {
+// The forward pass into y, pooled when `index` (the argmax) is given.
+ffi::Error forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
+                   ffi::AnyBuffer y, int8_t* index, int64_t ph, int64_t pw, bool relu) {
   auto s = shape_of(x, w.dimensions(), bias, ph, pw);
   if (s.has_error()) return s.error();
-  return with_float_type({x.element_type(), w.element_type(), bias.element_type(), y->element_type()}, [&](auto t) {
+  if (index && (s->Ho % 2 || s->Wo % 2))
+    return ffi::Error::InvalidArgument("dd_jax conv: pooling needs an even output");
+  auto types = {x.element_type(), w.element_type(), bias.element_type(), y.element_type()};
+  return with_float_type(types, [&](auto t) {
     using T = decltype(t);
     conv_forward<T>(pool, *s, x.typed_data<T>(), w.typed_data<T>(), bias.typed_data<T>(), relu,
-                    y->typed_data<T>(), nullptr, false);
+                    y.typed_data<T>(), index, index != nullptr);
     return ffi::Error::Success();
   });
 }
 
+ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int64_t ph,
+                           int64_t pw, bool relu) {
+  return forward(pool, x, w, bias, *y, nullptr, ph, pw, relu);
+}
+
 ffi::Error ConvPoolForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                                ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
-                               ffi::Result<ffi::AnyBuffer> index, int64_t ph, int64_t pw, bool relu) {
-  auto s = shape_of(x, w.dimensions(), bias, ph, pw);
-  if (s.has_error()) return s.error();
-  if (s->Ho % 2 || s->Wo % 2) return ffi::Error::InvalidArgument("dd_jax conv: pooling needs an even output");
-  if (index->element_type() != ffi::S8) return ffi::Error::InvalidArgument("dd_jax conv: the index is int8");
-  return with_float_type({x.element_type(), w.element_type(), bias.element_type(), y->element_type()}, [&](auto t) {
-    using T = decltype(t);
-    conv_forward<T>(pool, *s, x.typed_data<T>(), w.typed_data<T>(), bias.typed_data<T>(), relu,
-                    y->typed_data<T>(), index->typed_data<int8_t>(), true);
-    return ffi::Error::Success();
-  });
+                               ffi::Result<ffi::AnyBuffer> index, int64_t ph, int64_t pw,
+                               bool relu) {
+  if (index->element_type() != ffi::S8)
+    return ffi::Error::InvalidArgument("dd_jax conv: the index is int8");
+  return forward(pool, x, w, bias, *y, index->typed_data<int8_t>(), ph, pw, relu);
 }
 
 ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
@@ -333,7 +343,8 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   auto s = shape_of(x, dw->dimensions(), std::nullopt, ph, pw);
   if (s.has_error()) return s.error();
   auto dd = dy.dimensions();
-  if (dd.size() != 5 || dd[0] != s->B || dd[1] != s->Ho || dd[2] != s->Wo || dd[3] != s->Co || dd[4] != kBlock)
+  if (dd.size() != 5 || dd[0] != s->B || dd[1] != s->Ho || dd[2] != s->Wo || dd[3] != s->Co ||
+      dd[4] != kBlock)
     return ffi::Error::InvalidArgument("dd_jax conv: dy must be (B, Ho, Wo, Co, 32)");
   return with_float_type({x.element_type(), dy.element_type(), dw->element_type()}, [&](auto t) {
     using T = decltype(t);
