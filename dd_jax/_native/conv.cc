@@ -20,6 +20,7 @@
 #include <initializer_list>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -64,6 +65,16 @@ inline Vec<T> load(const T* p) {
 
 template <typename T>
 inline void store(T* p, const Vec<T>& v) { std::memcpy(p, &v, sizeof v); }
+
+// Calls f(std::integral_constant<int, n>{}) for a run-time 1 <= n <= N: the register tiles'
+// sizes are template parameters, so that their accumulators stay in registers.
+template <int N, typename F>
+inline void with_static(int64_t n, F&& f) {
+  if constexpr (N > 1) {
+    if (n < N) return with_static<N - 1>(n, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
 
 // Runs f(0) .. f(n-1) on the calling thread and the pool's threads. Items are claimed from a
 // shared counter, so the caller finishes the work alone if the pool is busy (no deadlock when
@@ -184,18 +195,12 @@ void conv_forward(ffi::ThreadPool& pool, const Shape& s, const T* x, const T* w,
     const int64_t out = b * rows * cols * s.Co * kBlock;
     for (int64_t j = 0; j < cols; ++j)
       for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxCB) {
-        const int64_t cb = std::min(kMaxCB, s.Co - co0);
-#define DD_CASE(n)                                                                     \
-  case n:                                                                              \
-    if (max_pool)                                                                      \
-      forward_pool_pixel<T, n>(s, xb, w, bias, relu, y + out, index + out, i, j, co0); \
-    else                                                                               \
-      forward_pixel<T, n>(s, xb, w, bias, relu, y + out, i, j, co0);                   \
-    break;
-        switch (cb) {
-          DD_CASE(1) DD_CASE(2) DD_CASE(3) DD_CASE(4) DD_CASE(5) DD_CASE(6) DD_CASE(7) DD_CASE(8)
-        }
-#undef DD_CASE
+        with_static<8>(std::min(kMaxCB, s.Co - co0), [&](auto cb) {
+          if (max_pool)
+            forward_pool_pixel<T, cb>(s, xb, w, bias, relu, y + out, index + out, i, j, co0);
+          else
+            forward_pixel<T, cb>(s, xb, w, bias, relu, y + out, i, j, co0);
+        });
       }
   });
 }
@@ -228,17 +233,6 @@ inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* 
   }
 }
 
-template <typename T, int CIB>
-inline void weight_grad_tile_co(int64_t cb, const Shape& s, const T* xb, const T* dyb,
-                                Vec<T>* part, int64_t di, int64_t dj, int64_t ci0, int64_t co0) {
-  switch (cb) {
-#define DD_CASE(n) \
-  case n: weight_grad_tile<T, CIB, n>(s, xb, dyb, part, di, dj, ci0, co0); break;
-    DD_CASE(1) DD_CASE(2) DD_CASE(3) DD_CASE(4)
-#undef DD_CASE
-  }
-}
-
 template <typename T>
 void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, const T* x, const T* dy, T* dw) {
   constexpr int64_t kMaxCIB = 6, kMaxCB = 4;
@@ -255,15 +249,12 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, const T* x, const T
       for (int64_t di = 0; di < s.kh; ++di)
         for (int64_t dj = 0; dj < s.kw; ++dj)
           for (int64_t ci0 = 0; ci0 < s.Ci; ci0 += kMaxCIB)
-            for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxCB) {
-              const int64_t cb = std::min(kMaxCB, s.Co - co0);
-              switch (std::min(kMaxCIB, s.Ci - ci0)) {
-#define DD_CASE(n) \
-  case n: weight_grad_tile_co<T, n>(cb, s, xb, dyb, part, di, dj, ci0, co0); break;
-                DD_CASE(1) DD_CASE(2) DD_CASE(3) DD_CASE(4) DD_CASE(5) DD_CASE(6)
-#undef DD_CASE
-              }
-            }
+            for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxCB)
+              with_static<kMaxCIB>(std::min(kMaxCIB, s.Ci - ci0), [&](auto cib) {
+                with_static<kMaxCB>(std::min(kMaxCB, s.Co - co0), [&](auto cb) {
+                  weight_grad_tile<T, cib, cb>(s, xb, dyb, part, di, dj, ci0, co0);
+                });
+              });
     }
   });
   for (int64_t k = 0; k < K; ++k) {
