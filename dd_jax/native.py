@@ -111,6 +111,11 @@ def _flip(kernel: jax.Array) -> jax.Array:
     return jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
 
 
+def _output_hw(x: jax.Array, kernel: jax.Array, pads: tuple[int, int]) -> tuple[int, int]:
+    """The convolution's output height and width (before pooling)."""
+    return tuple(x.shape[1 + a] + 2 * pads[a] - kernel.shape[a] + 1 for a in (0, 1))
+
+
 def _transposed(pads: tuple[int, int], kernel_hw: tuple[int, int]) -> tuple[int, int]:
     """The padding of the input gradient's convolution."""
     return kernel_hw[0] - 1 - pads[0], kernel_hw[1] - 1 - pads[1]
@@ -135,9 +140,8 @@ def _ffi(target: str, results: list[tuple[tuple[int, ...], jnp.dtype]], *args: j
 
 def _layer_call(x, kernel, bias, pads, pool, relu):
     """The FFI call: (y, argmax index) with `pool`, else (y, an empty int8 array)."""
-    b, h, w, _, _ = x.shape
-    kh, kw, _, co = kernel.shape
-    ho, wo = h + 2 * pads[0] - kh + 1, w + 2 * pads[1] - kw + 1
+    b, co = x.shape[0], kernel.shape[3]
+    ho, wo = _output_hw(x, kernel, pads)
     args = (x, kernel.astype(x.dtype), bias.astype(x.dtype))
     attrs = dict(padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]), relu=relu)
     if not pool:
@@ -196,7 +200,7 @@ def _check(x: jax.Array, kernel: jax.Array, pads: tuple[int, int], pool: bool) -
     if not (0 <= pads[0] < kh and 0 <= pads[1] < kw):
         raise ConfigError(f"padding {pads} with a {kh}x{kw} kernel: the native convolution pads "
                           f"less than the kernel's size; use conv='toeplitz' for more")
-    ho, wo = x.shape[1] + 2 * pads[0] - kh + 1, x.shape[2] + 2 * pads[1] - kw + 1
+    ho, wo = _output_hw(x, kernel, pads)
     if pool and (ho % 2 or wo % 2):
         raise ConfigError(f"2x2 pooling needs an even convolution output, got {ho}x{wo}")
     if x.dtype not in (jnp.float32, jnp.float64):
