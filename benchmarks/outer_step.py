@@ -1,6 +1,6 @@
 """Seconds per outer iteration of named experiments' configs (median after warm-up).
 
-    python -m benchmarks.outer_step mnist_fixed_init [more names] [--iterations=60] [--field=value]
+    python -m benchmarks.outer_step mnist_fixed_init_paper [more names] [--iterations=60] [--field=value]
         [--mock_examples=N]
 
 Prints one JSON line per experiment and a markdown table; the machine and versions included.
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     names, flags, overrides = parse_flags(argv, {"iterations": 60, "mock_examples": 0})
     machine = machine_info()
     rows = []
-    for name in names or ["mnist_fixed_init"]:
+    for name in names or ["mnist_fixed_init_paper"]:
         config = experiment_config(name, overrides)
         with mock_data(flags["mock_examples"]):
             timing = time_outer_steps(config, flags["iterations"])

@@ -13,7 +13,27 @@ from dd_jax.linear import linear_config
 
 
 def mnist_fixed_init() -> ml_collections.ConfigDict:
-    """Paper Fig. 2a: 10 MNIST images (S=1, E=3), one fixed LeNet init (12.90% -> 93.76%)."""
+    """Paper Fig. 2a: 10 MNIST images (S=1, E=3), one fixed LeNet init (12.90% -> 93.76%),
+    with this project's recipe: a real batch of 256 for 45,000 iterations (the authors' step
+    decay every 40 passes), returning the evaluated iterate best on 5,000 held-out training
+    images (evaluated every 250 iterations).
+
+    The setting is the paper's; the recipe trades the authors' real batch of 1024 for more,
+    cheaper iterations and picks the reported iterate on training data only
+    (results/mnist_fixed_init, results/benchmarks/outer_schedules.md). The authors' exact
+    hyperparameters are `mnist_fixed_init_paper`.
+    """
+    c = default_config()
+    c.real_batch_size = 256
+    c.iterations = 45_000
+    c.val_size = 5000
+    c.eval_every = 250
+    return c
+
+
+def mnist_fixed_init_paper() -> ml_collections.ConfigDict:
+    """Paper Fig. 2a with the authors' exact hyperparameters: real batch 1024, 400 passes
+    (23,200 iterations), the last iterate reported (12.90% -> 93.76% in the paper)."""
     return default_config()
 
 
@@ -214,7 +234,7 @@ def cifar10_poison() -> ml_collections.ConfigDict:
 
 
 EXPERIMENTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
-    f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_b256, mnist_fixed_init_long,
+    f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_paper, mnist_fixed_init_b256, mnist_fixed_init_long,
                             mnist_fixed_init_100, mnist_random_init, mnist_baselines,
                             mnist_baselines_random,
                             linear_analysis, *PRETRAINED_EXPERIMENTS,

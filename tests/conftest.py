@@ -205,7 +205,8 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_runs")
     runs = {name: root / name for name in ("distill", "baselines", "baselines_random")}
     argvs = {
-        "distill": ["mnist_fixed_init", *TINY_DIGITS, "--iterations=2", "--real_batch_size=64"],
+        "distill": ["mnist_fixed_init", *TINY_DIGITS, "--iterations=2", "--real_batch_size=64",
+                    "--val_size=0"],
         "baselines": ["mnist_baselines", *TINY_BASELINES,
                       f"--distilled={runs['distill'] / 'distilled.npz'}"],
         "baselines_random": ["mnist_baselines_random", *TINY_BASELINES, "--n_nets=2",

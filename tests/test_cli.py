@@ -24,7 +24,7 @@ from experiments.configs import EXPERIMENTS
 
 N = 6  # iterations of the reference run
 TINY = ["mnist_fixed_init", "--dataset=digits", f"--iterations={N}", "--eval_every=3",
-        "--checkpoint_every=2", "--log_every=1", "--real_batch_size=64", "--n_eval_nets=2",
+        "--checkpoint_every=2", "--log_every=1", "--real_batch_size=64", "--n_eval_nets=2", "--val_size=0",
         "--quiet"]
 OUTPUTS = {"config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png",
            "results.json"}

@@ -66,7 +66,7 @@ def test_sharded_run_resume_and_evaluation_equal_one_device(four_devices):
 def test_devices_flag_errors(tmp_path):
     n = jax.device_count()
     for value in (n + 1, -1):
-        rc, _, err = call_main(["mnist_fixed_init", "--dataset=digits", f"--devices={value}",
+        rc, _, err = call_main(["mnist_fixed_init", "--dataset=digits", "--val_size=0", f"--devices={value}",
                                 f"--output_dir={tmp_path}"])
         assert_one_line_error(rc, err, f"devices={value}", f"{n} cpu device(s) are available",
                               "--devices=0")
@@ -245,7 +245,7 @@ def test_memory_child_measures_a_named_experiment(capsys):
     with --remat and --field=value applied."""
     import benchmarks.memory as memory
 
-    memory.main(["--child=1", "--experiment=mnist_fixed_init", "--dataset=digits", "--remat=True",
+    memory.main(["--child=1", "--experiment=mnist_fixed_init", "--dataset=digits", "--val_size=0", "--remat=True",
                  "--max_run_gb=0"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["T"] == 3 and row["remat"] is True and row["executed"] is False
