@@ -215,3 +215,24 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     for name, argv in argvs.items():
         assert cli.main([*argv, f"--output_dir={runs[name]}"]) == 0, name
     return runs
+
+
+def interrupt_meta_step(monkeypatch, after_calls: int):
+    """The meta-step raises KeyboardInterrupt on call after_calls + 1, as Ctrl-C would."""
+    import dd_jax.outer
+
+    real = dd_jax.outer.make_meta_step
+
+    def patched(*args, **kwargs):
+        step = real(*args, **kwargs)
+        calls = [0]
+
+        def interrupted(*a, **k):
+            calls[0] += 1
+            if calls[0] > after_calls:
+                raise KeyboardInterrupt
+            return step(*a, **k)
+
+        return interrupted
+
+    monkeypatch.setattr(dd_jax.outer, "make_meta_step", patched)

@@ -15,7 +15,7 @@ import pytest
 
 import dd_jax
 import dd_jax.outer
-from conftest import MNIST_GZ, ROOT, corrupt_mnist_file
+from conftest import MNIST_GZ, ROOT, corrupt_mnist_file, interrupt_meta_step
 from dd_jax import data
 from dd_jax.checkpoint import checkpoint_meta
 from dd_jax.models import get_model
@@ -210,25 +210,6 @@ def test_help(capsys):
 # --------------------------------------------------------------------------- kill and resume
 
 
-def _interrupt_meta_step(monkeypatch, after_calls: int):
-    """The meta-step raises KeyboardInterrupt on call after_calls + 1, as Ctrl-C would."""
-    real = dd_jax.outer.make_meta_step
-
-    def patched(*args, **kwargs):
-        step = real(*args, **kwargs)
-        calls = [0]
-
-        def interrupted(*a, **k):
-            calls[0] += 1
-            if calls[0] > after_calls:
-                raise KeyboardInterrupt
-            return step(*a, **k)
-
-        return interrupted
-
-    monkeypatch.setattr(dd_jax.outer, "make_meta_step", patched)
-
-
 @pytest.mark.parametrize("how", ["killed", "shorter_run"])
 def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, how):
     a, _ = reference
@@ -236,7 +217,7 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
     if how == "killed":
         # iterations 1-5 done (rows logged up to 5), last checkpoint at 4, killed in 6
         with monkeypatch.context() as m:
-            _interrupt_meta_step(m, after_calls=5)
+            interrupt_meta_step(m, after_calls=5)
             rc, _, err = call_main([*TINY, f"--output_dir={b}"])
         assert rc == 130
         assert "Traceback" not in err and "--resume" in err
@@ -271,7 +252,7 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
 def test_interrupted_before_first_checkpoint_can_be_continued(tmp_path, monkeypatch):
     out = tmp_path / "early"
     with monkeypatch.context() as m:
-        _interrupt_meta_step(m, after_calls=1)  # killed in iteration 2, checkpoint_every=2
+        interrupt_meta_step(m, after_calls=1)  # killed in iteration 2, checkpoint_every=2
         rc, _, err = call_main([*TINY, f"--output_dir={out}"])
     assert rc == 130 and "--resume" in err
     assert not (out / "checkpoint.npz").exists()
