@@ -1,15 +1,20 @@
-"""Seconds per outer iteration of the AUTHORS' PyTorch algorithm, mnist_fixed_init, on this machine.
+"""Seconds per outer iteration of the AUTHORS' PyTorch algorithm on this machine, for the
+MNIST configs of `benchmarks.outer_step`.
 
-    /work/torchvenv/bin/python benchmarks/torch_reference.py --iterations=60 [--warmup=3] [--threads=2] [--check]
-        [--device=cuda]
+    python benchmarks/torch_reference.py [--experiment=mnist_fixed_init_paper] --iterations=60
+        [--warmup=3] [--threads=2] [--check] [--device=cuda]
+
+--experiment picks the setting (`EXPERIMENTS`): mnist_fixed_init_paper (S=1, one fixed net),
+mnist_fixed_init_100 (S=10, one fixed net) or mnist_random_init (S=10, 4 nets re-initialised
+every iteration, as the authors' ``--train_nets_type unknown_init --sample_n_nets 4``).
 
 A stand-alone re-creation (plain PyTorch + numpy, no dd_jax import) of one outer iteration of
 SsnL/dataset-distillation as run by its README's "fixed known initialization" MNIST command
 (`--distill_steps 1 --train_nets_type known_init --n_nets 1`, everything else default), so that
-`benchmarks.outer_step mnist_fixed_init` can be compared with it on the same machine at the same
+`benchmarks.outer_step` can be compared with it on the same machine at the same
 time. Prints one JSON line: median / q1 / q3 wall seconds per outer iteration after warm-up,
-the torch version and the intra-op thread count. Needs torch (CPU use) in its own environment,
-e.g. /work/torchvenv; it is not a dependency of dd_jax.
+the torch version and the intra-op thread count. Needs torch (CPU use) in its own virtual
+environment; it is not a dependency of dd_jax.
 
 What was CONFIRMED by reading the authors' source (train_distilled_image.py, networks/networks.py,
 networks/utils.py, networks/__init__.py, basics.py, base_options.py, README.md):
@@ -141,12 +146,22 @@ class LeNet(ReparamModule):
         return self.fc3(out)
 
 
+EXPERIMENTS = {  # name -> (distill_steps S, nets per iteration, re-initialised every iteration)
+    "mnist_fixed_init_paper": (1, 1, False),
+    "mnist_fixed_init_100": (10, 1, False),
+    "mnist_random_init": (10, 4, True),
+}
+
+
 class AuthorsStyleDistiller:
-    """One net, fixed init; the per-iteration algorithm of their Trainer (see module docstring)."""
+    """The per-iteration algorithm of their Trainer (see module docstring): `n_nets` nets, each
+    re-initialised (Xavier normal) every iteration when `random_init`, else one fixed net."""
 
     def __init__(self, model, steps=1, epochs=3, ipc=1, distill_lr=0.02, lr=0.01,
-                 decay_epochs=40, decay_factor=0.5):
+                 decay_epochs=40, decay_factor=0.5, n_nets=1, random_init=False):
         self.model = model
+        self.n_nets = n_nets
+        self.random_init = random_init
         self.epochs = epochs
         self.T = steps * epochs
         label = torch.arange(NUM_CLASSES).repeat(ipc, 1).t().reshape(-1)
@@ -205,15 +220,19 @@ class AuthorsStyleDistiller:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=False)
         steps = self.get_steps()
-        final, ws, gws = self.forward(rdata, rlabel, steps)
-        loss = final.detach()
-        info = self.backward(final, ws, gws, steps)
-        del final, ws, gws
-        self.accumulate_grad(info)
-        for p in self.params:  # / sample_n_nets (= 1), as they do
-            p.grad.div_(1)
+        losses = []
+        for _ in range(self.n_nets):
+            if self.random_init:
+                self.model.reset_xavier(1.0)
+            final, ws, gws = self.forward(rdata, rlabel, steps)
+            losses.append(final.detach())
+            info = self.backward(final, ws, gws, steps)
+            del final, ws, gws
+            self.accumulate_grad(info)
+        for p in self.params:  # / sample_n_nets, as they do
+            p.grad.div_(self.n_nets)
         self.optimizer.step()
-        return loss
+        return sum(losses) / self.n_nets
 
 
 def check_meta_gradient(model, distiller, rdata, rlabel):
@@ -237,6 +256,7 @@ def check_meta_gradient(model, distiller, rdata, rlabel):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--experiment", default="mnist_fixed_init_paper", choices=list(EXPERIMENTS))
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -253,7 +273,8 @@ def main() -> None:
     torch.manual_seed(1)
     np.random.seed(1)
     model = LeNet().flatten_weights().reset_xavier(1.0)
-    distiller = AuthorsStyleDistiller(model)
+    steps, n_nets, random_init = EXPERIMENTS[args.experiment]
+    distiller = AuthorsStyleDistiller(model, steps=steps, n_nets=n_nets, random_init=random_init)
     batches = [(torch.randn(args.real_batch, NC, INPUT_SIZE, INPUT_SIZE),
                 torch.randint(0, NUM_CLASSES, (args.real_batch,))) for _ in range(4)]
     per_pass = math.ceil(60000 / args.real_batch)  # their StepLR is stepped at each pass start
@@ -273,7 +294,7 @@ def main() -> None:
             times.append(dt)
     q1, med, q3 = np.percentile(times, [25, 50, 75])
     row = {"implementation": "pytorch, authors' algorithm (flat-param LeNet, manual meta-backward)",
-           "experiment": "mnist_fixed_init", "median_s": float(med), "q1_s": float(q1),
+           "experiment": args.experiment, "n_nets": n_nets, "median_s": float(med), "q1_s": float(q1),
            "q3_s": float(q3), "iterations": args.iterations, "warmup": args.warmup,
            "T": distiller.T, "n_images": sum(d.shape[0] for d in distiller.data),
            "real_batch": args.real_batch, "device": args.device, "torch": torch.__version__,

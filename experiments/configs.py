@@ -43,7 +43,7 @@ def mnist_fixed_init_b256() -> ml_collections.ConfigDict:
 
     The same schedule in passes. Iterations are about 3.5x cheaper on a 2-core CPU. The test
     accuracy swings by several points between nearby iterates, so the holdout picks which
-    one to return (results/time_to_accuracy_mnist_fixed_init_b256).
+    one to return (results/benchmarks/time_to_accuracy/mnist_fixed_init_b256).
     """
     c = default_config()
     c.real_batch_size = 256
@@ -53,7 +53,7 @@ def mnist_fixed_init_b256() -> ml_collections.ConfigDict:
 
 def mnist_fixed_init_long() -> ml_collections.ConfigDict:
     """mnist_fixed_init_b256 with twice the passes (800, learning rate halved every 80): about
-    171,000 iterations, a GPU's run (results/gpu_h100/time_to_accuracy).
+    171,000 iterations, a GPU's run (results/benchmarks/gpu_h100/time_to_accuracy).
 
     On one H100 it reported 93.8% after 106 s and 95.68% at its end (308 s), one seed.
     """

@@ -1,0 +1,91 @@
+"""The README's figures, generated from the committed results (never typed).
+
+    python -m experiments.readme [--check]
+
+Rewrites each block of README.md between ``<!-- generated:NAME -->`` and
+``<!-- end:NAME -->`` from the results it names (`BLOCKS`); --check only says whether the
+README is up to date (exit 1 if not), as the tests do.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from dd_jax.outputs import markdown_table
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+HEADLINE = "mnist_fixed_init"
+
+
+def headline_runs(results: Path) -> list[tuple[int, dict]]:
+    """(seed, results.json) of the headline's canonical run and its archived seeds, by seed."""
+    dirs = [results / HEADLINE, *sorted((results / "archive").glob(f"{HEADLINE}_seed*"))]
+    runs = {}
+    for d in dirs:
+        if (d / "results.json").exists() and (d / "config.json").exists():
+            config = json.loads((d / "config.json").read_text())
+            if config.get("experiment") == HEADLINE:
+                runs[config["seed"]] = json.loads((d / "results.json").read_text())
+    return sorted(runs.items())
+
+
+def headline_block(results: Path) -> str:
+    """The headline command's figure on every seed run, and their mean."""
+    runs = headline_runs(results)
+    if not runs:
+        return "No committed run of `mnist_fixed_init` yet.\n"
+    rows = [[seed, f"{100 * r['test_acc']:.2f}%", f"{100 * r['untrained_acc']:.2f}%",
+             f"{r['selected']['iteration']:,}" if "selected" in r else "last",
+             f"{100 * r['selected']['val_acc']:.2f}%" if "selected" in r else "",
+             f"{r['distill_seconds']:.0f} s"] for seed, r in runs]
+    accs = [100 * r["test_acc"] for _, r in runs]
+    mean = (f"Mean over seeds {', '.join(str(s) for s, _ in runs)}: **{statistics.mean(accs):.2f}%**"
+            + (f" (std {statistics.stdev(accs):.2f})" if len(accs) > 1 else "")
+            + "; the paper: 93.76%.")
+    table = markdown_table(["seed", "test accuracy (10,000 images)", "untrained",
+                            "iteration returned", "its holdout accuracy", "distilling"], rows)
+    return f"{table}\n\n{mean}\n"
+
+
+def paper_block(results: Path) -> str:
+    """The reproduced table's rows: the paper's figure beside the measured one."""
+    path = results / "paper" / "TABLE.json"
+    if not path.exists():
+        return "No committed run of `python -m experiments.reproduce` yet.\n"
+    entries = json.loads(path.read_text())["rows"]
+    rows = [[f"`{e['row']}`" + (f" ({e['method']})" if e["method"] else ""), e["paper"],
+             e.get("measured") or e["status"], e.get("schedule", "")] for e in entries]
+    return markdown_table(["row", "paper (%)", "measured (%)", "iterations x real batch"], rows) + "\n"
+
+
+BLOCKS = {"headline": headline_block, "paper": paper_block}
+
+
+def render(text: str, results: Path) -> str:
+    """`text` with every generated block rewritten from `results`."""
+    for name, make in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- end:{name} -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + make(results) + m.group(2), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    text = README.read_text()
+    new = render(text, ROOT / "results")
+    if "--check" in argv:
+        if new != text:
+            print("error: README.md's generated blocks are out of date; run "
+                  "python -m experiments.readme", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
