@@ -18,6 +18,7 @@ import dd_jax.outer
 from conftest import MNIST_GZ, ROOT, corrupt_mnist_file
 from dd_jax import data
 from dd_jax.checkpoint import checkpoint_meta
+from dd_jax.config import SECTIONS
 from dd_jax.models import get_model
 from experiments import run as cli
 from experiments.configs import EXPERIMENTS
@@ -205,6 +206,87 @@ def test_long_schedule_is_b256_with_twice_the_passes():
 def test_help(capsys):
     assert cli.main(["--help"]) == 0
     assert "python -m experiments.run" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- flags and --help
+
+
+def test_every_field_is_documented_once():
+    for make in EXPERIMENTS.values():
+        config = make()
+        documented = [f.name for fields in cli.sections_of(config).values() for f in fields]
+        assert len(documented) == len(set(documented))
+        assert set(config) <= set(documented), set(config) - set(documented)
+    assert set(dd_jax.default_config()) == {f.name for fields in SECTIONS.values() for f in fields}
+
+
+@pytest.mark.parametrize("name", [None, "mnist_random_init", "linear_analysis"])
+def test_help_lists_every_flag_with_default_and_meaning(capsys, name):
+    assert cli.main([name, "--help"] if name else ["-h"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    config = EXPERIMENTS[name]() if name else dd_jax.default_config()
+    for fields in cli.sections_of(config).values():
+        for f in fields:
+            [line] = [l for l in lines if l.strip().startswith(f"--{f.name}=")]
+            assert line.split()[0] == cli.flag_text(f.name, config[f.name])
+            assert line.endswith(f.doc)
+    for switch in cli.SWITCHES:
+        assert any(l.strip().startswith(f"--{switch} ") for l in lines)
+    if name:
+        assert " ".join(EXPERIMENTS[name].__doc__.split()) in lines
+
+
+def test_help_shows_the_experiments_values():
+    assert cli.help_text("mnist_random_init").count("--init_regime=random ") == 1
+    assert "--remat=false " in cli.help_text(None)
+    assert "--data_dir='' " in cli.help_text(None)
+
+
+def test_list_prints_whole_descriptions(capsys):
+    assert cli.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for (name, make), line in zip(EXPERIMENTS.items(), lines):
+        assert line.split()[0] == name
+        assert line.endswith(" ".join(make.__doc__.split()))
+
+
+FORMS = [
+    (["--iterations", "7"], {"iterations": 7}),
+    (["--iterations=7"], {"iterations": 7}),
+    (["--outer_lr", "0.5", "--seed=3"], {"outer_lr": 0.5, "seed": 3}),
+    (["--poison_class", "-1", "--poison_target", "2"], {"poison_class": -1, "poison_target": 2}),
+    (["--remat"], {"remat": True}),
+    (["--no-remat"], {"remat": False}),
+    (["--remat=true"], {"remat": True}),
+    (["--remat=off"], {"remat": False}),
+    (["--remat", "--no-remat"], {"remat": False}),
+    (["--data_dir", ""], {"data_dir": ""}),
+    (["--data_dir="], {"data_dir": ""}),
+]
+
+
+@pytest.mark.parametrize("flags, expected", FORMS, ids=[" ".join(f) for f, _ in FORMS])
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_flag_forms(flags, expected, where):
+    argv = ["mnist_fixed_init", *flags] if where == "after" else [*flags, "mnist_fixed_init"]
+    name, overrides, switches = cli.parse_args([*argv, "--quiet"])
+    assert name == "mnist_fixed_init" and switches == {"quiet"}
+    config, _ = cli.resolve_config(name, overrides, resume=False)
+    for field, value in expected.items():
+        assert config[field] == value and type(config[field]) is type(value), field
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--iterations", "--quiet"], ["flag --iterations needs a value", "--iterations=VALUE"]),
+    (["--iterations"], ["flag --iterations needs a value"]),
+    (["--no-steps"], ["unknown flag --no-steps", "did you mean --steps"]),
+    (["--remat", "maybe"], ["unexpected argument 'maybe'"]),
+    (["--iterationz", "5"], ["unknown flag --iterationz", "did you mean --iterations"]),
+])
+def test_flag_form_errors(capsys, tmp_path, args, fragments):
+    rc = cli.main(["mnist_fixed_init", *args, f"--output_dir={tmp_path / 'never'}"])
+    assert_one_line_error(rc, capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "never").exists()
 
 
 # --------------------------------------------------------------------------- kill and resume
