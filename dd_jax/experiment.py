@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import importlib
 import platform
+import subprocess
 import time
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 
+import dd_jax
 from dd_jax.checkpoint import checkpoint_meta
 from dd_jax.data import Dataset, load_dataset
 from dd_jax.errors import ConfigError
@@ -76,10 +78,30 @@ def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
     return dataset, get_model(config.model, dataset.num_classes, config.conv)
 
 
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, whether tracked files differ from it) of the git checkout that dd_jax is
+    imported from; (None, None) outside one or without git."""
+    root = Path(dd_jax.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+                              capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                 "--untracked-files=no"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    lines = head.stdout.splitlines()
+    if head.returncode or status.returncode or len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return None, None
+    return lines[1], bool(status.stdout.strip())
+
+
 def machine_info() -> dict:
-    """Where a run ran, for results.json."""
+    """Where and with what a run ran, for results.json: the platform, devices, jax and dd_jax
+    versions, and the git commit of dd_jax's checkout (null outside one)."""
+    commit, dirty = git_state()
     return {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
-            "jax": jax.__version__}
+            "jax": jax.__version__, "dd_jax": dd_jax.__version__, "git_commit": commit,
+            "git_dirty": dirty}
 
 
 def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,

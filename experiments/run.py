@@ -1,4 +1,4 @@
-"""Run a named experiment of the paper: `python -m experiments.run NAME [flags]`.
+"""Run a named experiment of the paper: `python -m experiments.run NAME [flags]`, or `dd-jax`.
 
 Every config field is a flag (`--help` lists them with their defaults and meanings). Results go
 to runs/NAME/ unless --output_dir is given.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from experiments.configs import EXPERIMENTS
 RUN_IDENTITY = ("dataset", "data_dir", "train_subset", "model", "init_regime", "init_dist",
                 "init_gain", "steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
                 "seed", "step_size_init", "pool_path", "pool_source", "pool_eval_nets", "val_size")
-USAGE = ("usage: python -m experiments.run NAME [--FIELD VALUE | --FIELD=VALUE | --FLAG | "
+USAGE = ("usage: python -m experiments.run (or dd-jax) NAME [--FIELD VALUE | --FIELD=VALUE | --FLAG | "
          "--no-FLAG ...] [--resume] [--quiet] [--distributed] | --list | [NAME] --help")
 SWITCHES = {
     "list": "the named experiments, each with its whole description",
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except DDJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout piped into a reader that stopped early, e.g. `| head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command with --resume to continue from the last "
               "checkpoint", file=sys.stderr)

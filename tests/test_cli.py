@@ -127,6 +127,7 @@ def test_results_reproducible_from_distilled_npz(reference):
     assert results["eval_nets"] == 1  # fixed regime: the one theta_0
     assert 0 <= results["test_acc"] <= 1 and 0 <= results["untrained_acc"] <= 1
     assert results["distill_seconds"] > 0
+    assert results["machine"]["dd_jax"] == dd_jax.__version__ and "git_commit" in results["machine"]
 
     d = dd_jax.load_distilled(out / "distilled.npz")
     assert d.images.shape == (1, 10, 28, 28, 1) and d.labels.shape == (1, 10)
