@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from dd_jax.errors import ConfigError
+from dd_jax.errors import ConfigError, DataError
+
+# what reading a damaged .npz raises
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def save_checkpoint(path: Path, state: Any, meta: dict) -> None:
@@ -21,19 +26,35 @@ def save_checkpoint(path: Path, state: Any, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+def unreadable(path: Path, error: Exception) -> DataError:
+    """The one-line error for a checkpoint that cannot be read."""
+    return DataError(
+        f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); it cannot be "
+        "resumed: delete it to start this run afresh, or start a new run with --output_dir=DIR"
+    )
+
+
 def checkpoint_meta(path: Path) -> dict:
     """The JSON `meta` dict a checkpoint was saved with."""
-    with np.load(path) as f:
-        return json.loads(str(f["meta"]))
+    try:
+        with np.load(path) as f:
+            return json.loads(str(f["meta"]))
+    except UNREADABLE as e:
+        raise unreadable(path, e) from None
 
 
 def restore_checkpoint(path: Path, template: Any) -> tuple[Any, dict]:
     """(state shaped like `template`, meta) from a checkpoint written by `save_checkpoint`."""
     meta = checkpoint_meta(path)
-    with np.load(path) as f:
-        leaves, treedef = jax.tree.flatten(template)
-        stored = [f[f"leaf_{i}"] for i in range(len(leaves)) if f"leaf_{i}" in f]
-    if len(stored) != len(leaves) or any(a.shape != np.shape(b) for a, b in zip(stored, leaves)):
+    leaves, treedef = jax.tree.flatten(template)
+    try:
+        with np.load(path) as f:
+            stored = [f[f"leaf_{i}"] for i in range(len(leaves)) if f"leaf_{i}" in f]
+            extra = f"leaf_{len(leaves)}" in f
+    except UNREADABLE as e:
+        raise unreadable(path, e) from None
+    if extra or len(stored) != len(leaves) or any(
+            a.shape != np.shape(b) for a, b in zip(stored, leaves)):
         raise ConfigError(
             f"checkpoint {path} was written by a different configuration; resume with the "
             "run's own config (drop the changed flags) or start a new --output_dir"

@@ -53,9 +53,8 @@ def refuse_resume(config, resume: bool) -> None:
                           "--output_dir=DIR if this one holds a finished run)")
 
 
-def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
-    """Creates `workdir` and writes the run's config.json, refusing to overwrite an earlier
-    run's checkpoint or results, and to resume no run.
+def check_run_dir(workdir: Path, resume: bool) -> None:
+    """Refuses to overwrite an earlier run's checkpoint or results, and to resume no run.
 
     A directory whose run stopped before its first checkpoint holds nothing worth keeping:
     a plain rerun starts afresh there, and so does --resume.
@@ -67,8 +66,18 @@ def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
             f"{workdir} already holds a run; pass --resume to continue it, or choose a new "
             "directory with --output_dir=DIR"
         )
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
+
+
+def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
+    """`check_run_dir`, then creates `workdir` and writes the run's config.json; a directory
+    that cannot be created or written is a ConfigError."""
+    check_run_dir(workdir, resume)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
+    except OSError as e:
+        raise ConfigError(f"cannot write the output directory {workdir} ({e.strerror or e}); "
+                          "choose a writable one with --output_dir=DIR") from None
 
 
 def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
@@ -121,13 +130,16 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     workdir = Path(workdir)
     validate_config(config)
     dataset, model = load_data_and_model(config)
-    start_run(config, workdir, name, resume)
-
+    check_run_dir(workdir, resume)
     resume = resume and (workdir / CHECKPOINT).exists()
-    keep_until = checkpoint_meta(workdir / CHECKPOINT)["iteration"] if resume else None
-    log = MetricsLog(workdir / METRICS, keep_until)
+    metrics: list[MetricsLog] = []
+
+    def begin(iteration: int) -> None:  # the checkpoint is restored: now files are written
+        start_run(config, workdir, name, resume)
+        metrics.append(MetricsLog(workdir / METRICS, iteration if resume else None))
+
     distilled = distill(dataset, model, config, workdir=workdir, resume=resume,
-                        progress=progress, log=log)
+                        progress=progress, log=lambda row: metrics[0](row), on_start=begin)
     save_distilled(workdir / "distilled.npz", distilled, model=config.model)
     save_image_grid(workdir / "distilled.png", distilled)
 

@@ -308,7 +308,7 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
 def distill(
     dataset: Dataset, model_fn, config=None, *, workdir: str | Path | None = None,
     resume: bool = False, progress: bool = True, log: Callable[[dict], None] | None = None,
-    **overrides,
+    on_start: Callable[[int], None] | None = None, **overrides,
 ) -> DistilledData:
     """Learns distilled images and step sizes for `dataset` and `model_fn` (see models.as_model).
 
@@ -316,6 +316,9 @@ def distill(
     its fields, e.g. ``distill(ds, LeNet(), steps=10, passes=20)``. With `workdir`, checkpoints
     go there every `checkpoint_every` iterations and ``resume=True`` continues from the last one.
     `log` receives one dict per logged iteration (loss, step sizes, seconds, test accuracy).
+    `on_start` is called with the first iteration to run once the state is built and any
+    checkpoint restored: a caller that writes its files there leaves them untouched when the
+    checkpoint cannot be resumed.
     With config.val_size > 0 the returned data is the evaluated iterate (every `eval_every`
     iterations and the last) with the best accuracy on that many held-out training images
     (`BestOnValidation`; its `selected` says which); otherwise it is the last iterate.
@@ -335,6 +338,8 @@ def distill(
         state, meta = restore_checkpoint(ckpt, state)
         elapsed = meta["seconds"]
     start_it = int(state.iteration)
+    if on_start is not None:
+        on_start(start_it)
 
     with _progress(total, start_it, progress) as bar:
         postfix: dict[str, str] = {}

@@ -90,6 +90,15 @@ def load_distilled(path: str | Path) -> DistilledData:
     )
 
 
+def distilled_model(path: str | Path) -> str:
+    """The model name an .npz of `save_distilled` records ('' if none was given)."""
+    try:
+        with np.load(path) as f:
+            return str(f["model"]) if "model" in f.files else ""
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read distilled data from {path}: {e}") from None
+
+
 @contextlib.contextmanager
 def saved_figure(path: str | Path, *, dpi: int, pad: float = 1.08, **subplots) -> Iterator[tuple]:
     """``with saved_figure(path, dpi=..., figsize=...) as (fig, axes):`` draw, and on leaving

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -443,6 +446,93 @@ def test_failed_resume_keeps_the_run_resumable(reference_copy):
         assert after[name] == before[name], name
     run_ok(["mnist_fixed_init", f"--output_dir={out}", "--resume", "--quiet"])
     assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+
+
+# --------------------------------------------------------------------------- bad files and directories
+
+
+@pytest.mark.parametrize("argv", [TINY, ["linear_analysis", "--quiet"]], ids=["distill", "linear"])
+@pytest.mark.parametrize("where", ["proc", "under_a_file"])
+def test_output_dir_that_cannot_be_written(capsys, tmp_path, argv, where):
+    (tmp_path / "file").write_text("x")
+    out = Path("/proc/dd_jax_no_such_dir/run") if where == "proc" else tmp_path / "file" / "run"
+    rc = cli.main([*argv, f"--output_dir={out}"])
+    assert_one_line_error(rc, capsys.readouterr().err, "cannot write the output directory",
+                          str(out), "--output_dir=DIR")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def _corrupt(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    elif how == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    else:  # one byte in the middle of the largest array flipped: its CRC no longer matches
+        with zipfile.ZipFile(path) as zf:
+            member = max(zf.infolist(), key=lambda m: m.file_size)
+        header = member.header_offset
+        name_len, extra_len = struct.unpack("<HH", raw[header + 26:header + 30])
+        i = header + 30 + name_len + extra_len + member.file_size // 2
+        path.write_bytes(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:])
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "flipped"])
+def test_corrupted_checkpoint(reference_copy, how):
+    out = reference_copy
+    _corrupt(out / "checkpoint.npz", how)
+    before = snapshot(out)
+    rc, _, err = call_main([*TINY, "--iterations=8", f"--output_dir={out}", "--resume"])
+    assert_one_line_error(rc, err, "checkpoint", "unreadable", "--output_dir=DIR")
+    assert snapshot(out) == before
+
+
+def test_checkpoint_of_an_incompatible_config(reference_copy):
+    """A run directory whose config.json no longer matches its checkpoint (here: edited to
+    2 distilled steps): --resume is refused and nothing in the directory changes."""
+    out = reference_copy
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "steps": 2}))
+    before = snapshot(out)
+    rc, _, err = call_main(["mnist_fixed_init", "--iterations=8", f"--output_dir={out}",
+                            "--resume", "--quiet"])
+    assert_one_line_error(rc, err, "written by a different configuration")
+    assert snapshot(out) == before
+
+
+def _other_distilled(reference: Path, tmp_path: Path, how: str) -> Path:
+    """The reference run's distilled.npz made unfit for a digits LeNet in one way."""
+    d = dd_jax.load_distilled(reference / "distilled.npz")
+    model = "lenet"
+    if how == "model":
+        model = "alexcifarnet"
+    elif how == "shape":
+        d = dataclasses.replace(d, images=np.zeros((1, 10, 32, 32, 3), np.float32))
+    elif how == "classes":
+        d = dataclasses.replace(d, labels=d.labels + 10)
+    else:  # a theta_0 of other shapes, no model recorded
+        model = ""
+        init = {**d.init_params, "fc3": {"kernel": np.zeros((84, 5), np.float32),
+                                          "bias": np.zeros(5, np.float32)}}
+        d = dataclasses.replace(d, init_params=init)
+    path = tmp_path / f"{how}.npz"
+    dd_jax.save_distilled(path, d, model=model)
+    return path
+
+
+@pytest.mark.parametrize("how, fragment", [
+    ("model", "was distilled for model 'alexcifarnet'"),
+    ("shape", "holds images of shape (32, 32, 3)"),
+    ("classes", "has labels up to 19"),
+    ("theta0", "do not fit lenet"),
+])
+def test_distilled_of_the_wrong_model(reference, tmp_path, how, fragment):
+    path = _other_distilled(reference[0], tmp_path, how)
+    out = tmp_path / "never"
+    rc, _, err = call_main(["mnist_baselines", *TINY[1:2], "--quiet", f"--distilled={path}",
+                            f"--output_dir={out}"])
+    assert_one_line_error(rc, err, str(path), fragment)
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- bad input
