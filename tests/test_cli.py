@@ -579,7 +579,7 @@ def test_bad_input_is_a_one_line_error(capsys, tmp_path, args, fragments):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--model=resnet"], ["unknown model 'resnet'", "lenet"]),
-    (["--dataset=no_such_dataset_xyz"], ["'no_such_dataset_xyz'", "download_and_prepare"]),
+    (["--dataset=no_such_dataset_xyz"], ["'no_such_dataset_xyz'", "prepare_data"]),
 ], ids=["model", "tfds-name"])
 def test_bad_model_or_dataset(capsys, tmp_path, args, fragments):
     rc = cli.main(["mnist_fixed_init", *args, f"--data_dir={tmp_path / 'tfds'}",
