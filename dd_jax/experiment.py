@@ -2,8 +2,9 @@
 
 `run` dispatches on the config's `kind` through RUNNERS. The 'distill' kind is
 data -> distill -> evaluate -> outputs; its run directory holds config.json, metrics.jsonl,
-checkpoint.npz, distilled.npz, distilled.png and results.json. A 'pretrain_pool' run
-(`run_pool`) trains a pool of networks and holds config.json, pool.npz and results.json.
+checkpoint.npz, distilled.npz, distilled.png, curves.png (metrics.jsonl plotted) and
+results.json. A 'pretrain_pool' run (`run_pool`) trains a pool of networks and holds
+config.json, pool.npz and results.json.
 Every kind writes config.json and results.json (the keys `python -m experiments.report` reads:
 experiment, dataset, init_regime, images, test_acc, test_acc_std, eval_nets, distill_seconds,
 optionally rows). A poisoning run also writes poisoning.png.
@@ -26,11 +27,13 @@ from dd_jax.errors import ConfigError
 from dd_jax.evaluation import Evaluator, accuracy_row, evaluate, summarise
 from dd_jax.models import as_model, get_model
 from dd_jax.outer import CHECKPOINT, METRICS, distill, validate_config
-from dd_jax.outputs import MetricsLog, save_distilled, save_image_grid, write_json
+from dd_jax.outputs import (MetricsLog, read_metrics, save_curves, save_distilled,
+                            save_image_grid, write_json)
 from dd_jax.pretrain import POOL_FILE, save_pool, train_pool, validate_pool_config
 from dd_jax.poison import poison_results, save_poison_chart
 
 CONFIG = "config.json"
+CURVES = "curves.png"
 RESULTS = "results.json"
 
 # config.kind -> "module:function" that runs one experiment of that kind:
@@ -142,6 +145,7 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
                         progress=progress, log=lambda row: metrics[0](row), on_start=begin)
     save_distilled(workdir / "distilled.npz", distilled, model=config.model)
     save_image_grid(workdir / "distilled.png", distilled)
+    save_curves(workdir / CURVES, read_metrics(workdir / METRICS))
 
     distill_seconds = checkpoint_meta(workdir / CHECKPOINT)["seconds"]
     t1 = time.perf_counter()

@@ -23,6 +23,7 @@ from dd_jax import data
 from dd_jax.checkpoint import checkpoint_meta
 from dd_jax.config import SECTIONS
 from dd_jax.models import get_model
+from dd_jax.outputs import save_curves
 from experiments import run as cli
 from experiments.configs import EXPERIMENTS
 
@@ -31,7 +32,7 @@ TINY = ["mnist_fixed_init", "--dataset=digits", f"--iterations={N}", "--eval_eve
         "--checkpoint_every=2", "--log_every=1", "--real_batch_size=64", "--n_eval_nets=2",
         "--quiet"]
 OUTPUTS = {"config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png",
-           "results.json"}
+           "curves.png", "results.json"}
 
 
 def call_main(args) -> tuple[int, str, str]:
@@ -119,6 +120,23 @@ def test_run_writes_all_outputs(reference):
 
     img = matplotlib.image.imread(out / "distilled.png")
     assert img.ndim == 3 and img.shape[0] > 20 and img.shape[1] > 100
+    curves = matplotlib.image.imread(out / "curves.png")
+    assert curves.shape[:2] == (380, 1400)
+
+
+@pytest.mark.parametrize("kept", ["all", "log_rows_only", "one_eval_row", "with_validation"])
+def test_curves_from_any_metrics(reference, tmp_path, kept):
+    """curves.png is drawn from whichever rows a run logged: with or without evaluations,
+    step sizes or a validation holdout."""
+    rows = metrics(reference[0])
+    if kept == "log_rows_only":
+        rows = [{k: v for k, v in r.items() if not k.startswith("test")} for r in rows]
+    elif kept == "one_eval_row":
+        rows = [{"iteration": 3, "meta_loss": 1.5, "test_acc": 0.5}]
+    elif kept == "with_validation":
+        rows = [{**r, "val_acc": r["test_acc"] / 2} if "test_acc" in r else r for r in rows]
+    save_curves(tmp_path / "curves.png", rows)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_results_reproducible_from_distilled_npz(reference):
