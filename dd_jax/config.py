@@ -68,6 +68,7 @@ SECTIONS: Sections = {
         Field("eval_every", 500, "iterations between periodic test evaluations"),
         Field("log_every", 10, "iterations between rows of metrics.jsonl"),
         Field("checkpoint_every", 200, "iterations between checkpoints"),
+        Field("keep_checkpoints", 1, "checkpoints kept in <output_dir>/checkpoint (the newest; --resume continues from the newest)"),
         Field("output_dir", "", "where the run writes ('' = runs/<experiment name>)"),
         Field("kind", "distill", "what a run does: a key of dd_jax.experiment.RUNNERS ('distill', 'baselines', ...)"),
     ),

@@ -18,13 +18,12 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import logging
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from dd_jax.errors import ConfigError, DataError
+from dd_jax.errors import ConfigError, DataError, absl_warnings_off
 
 MNIST_DIR = Path(__file__).parent / "_data" / "mnist"
 MNIST_FILES = {
@@ -290,18 +289,15 @@ def _tfds_arrays(name: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
         raise DataError(
             f"dataset {name!r} needs tensorflow-datasets: pip install tensorflow-datasets"
         ) from None
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # tfds' warnings on stderr: a failure here is one error line
     try:
-        (train_px, train_y), (test_px, test_y) = (
-            _tfds_split(tfds, name, split, data_dir) for split in ("train", "test")
-        )
-        num_classes = int(tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes)
+        with absl_warnings_off():
+            (train_px, train_y), (test_px, test_y) = (
+                _tfds_split(tfds, name, split, data_dir) for split in ("train", "test")
+            )
+            builder = tfds.builder(name, data_dir=data_dir)
+        num_classes = int(builder.info.features["label"].num_classes)
     except Exception as e:  # tfds raises many types for a dataset that is not prepared
         raise tfds_unavailable(tfds, name, data_dir, e) from None
-    finally:
-        absl.setLevel(level)
     return train_px, train_y, test_px, test_y, num_classes
 
 

@@ -2,7 +2,7 @@
 
 `run` dispatches on the config's `kind` through RUNNERS. The 'distill' kind is
 data -> distill -> evaluate -> outputs; its run directory holds config.json, metrics.jsonl,
-checkpoint.npz, distilled.npz, distilled.png, curves.png (metrics.jsonl plotted) and
+checkpoint/, distilled.npz, distilled.png, curves.png (metrics.jsonl plotted) and
 results.json. A 'pretrain_pool' run (`run_pool`) trains a pool of networks and holds
 config.json, pool.npz and results.json.
 Every kind writes config.json and results.json (the keys `python -m experiments.report` reads:
@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 
 import dd_jax
-from dd_jax.checkpoint import checkpoint_meta
+from dd_jax.checkpoint import checkpoint_meta, has_checkpoint
 from dd_jax.data import Dataset, load_dataset
 from dd_jax.errors import ConfigError
 from dd_jax.evaluation import Evaluator, accuracy_row, evaluate, summarise
@@ -64,7 +64,7 @@ def check_run_dir(workdir: Path, resume: bool) -> None:
     """
     if resume and not (workdir / CONFIG).exists():
         raise ConfigError(f"nothing to resume: {workdir} holds no run; drop --resume")
-    if not resume and any((workdir / f).exists() for f in (CHECKPOINT, RESULTS)):
+    if not resume and (has_checkpoint(workdir / CHECKPOINT) or (workdir / RESULTS).exists()):
         raise ConfigError(
             f"{workdir} already holds a run; pass --resume to continue it, or choose a new "
             "directory with --output_dir=DIR"
@@ -134,7 +134,7 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     validate_config(config)
     dataset, model = load_data_and_model(config)
     check_run_dir(workdir, resume)
-    resume = resume and (workdir / CHECKPOINT).exists()
+    resume = resume and has_checkpoint(workdir / CHECKPOINT)
     metrics: list[MetricsLog] = []
 
     def begin(iteration: int) -> None:  # the checkpoint is restored: now files are written

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dd_jax.checkpoint import restore_checkpoint, save_checkpoint
+from dd_jax.checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from dd_jax.config import default_config
 from dd_jax.data import Dataset, split_holdout
 from dd_jax.errors import ConfigError, DivergedError
@@ -34,8 +34,8 @@ from dd_jax.sharding import make_mesh, replicate, select_devices, sharded_meta_l
 from dd_jax.poison import check_poison, poison_labels
 
 Params = Any
-CHECKPOINT = "checkpoint.npz"
-BEST_CHECKPOINT = "best_checkpoint.npz"  # with val_size: the iterate best on the holdout
+CHECKPOINT = "checkpoint"  # dd_jax.checkpoint directories
+BEST_CHECKPOINT = "best_checkpoint"  # with val_size: the iterate best on the holdout
 LR_SCHEDULES = ("step", "cosine")  # the outer learning rate's schedules (make_optimizer)
 METRICS = "metrics.jsonl"
 
@@ -83,7 +83,8 @@ class DistillState:
 def validate_config(config) -> None:
     """Raises ConfigError naming the first impossible value and what would work."""
     at_least_one = ["steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
-                    "passes", "n_eval_nets", "checkpoint_every", "eval_every", "log_every"]
+                    "passes", "n_eval_nets", "checkpoint_every", "eval_every", "log_every",
+                    "keep_checkpoints"]
     for name in at_least_one:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
@@ -239,7 +240,7 @@ class BestOnValidation:
 
     def restore(self, template: Learned) -> None:
         """Reads the best iterate saved at `path`, if there is one (shapes as `template`)."""
-        if self.path is not None and self.path.exists():
+        if self.path is not None and has_checkpoint(self.path):
             self.learned, meta = restore_checkpoint(self.path, template)
             self.iteration, self.val_acc = meta["iteration"], meta["val_acc"]
 
@@ -334,7 +335,7 @@ def distill(
 
     ckpt = Path(workdir) / CHECKPOINT if workdir is not None else None
     elapsed = 0.0
-    if resume and ckpt is not None and ckpt.exists():
+    if resume and ckpt is not None and has_checkpoint(ckpt):
         state, meta = restore_checkpoint(ckpt, state)
         elapsed = meta["seconds"]
     start_it = int(state.iteration)
@@ -352,7 +353,7 @@ def distill(
                 raise DivergedError(
                     f"meta-loss became {loss} at iteration {it + 1}; "
                     + (f"the last checkpoint (iteration {last_saved}) is kept. "
-                       if ckpt is not None and ckpt.exists() else "no checkpoint had been saved. ")
+                       if ckpt is not None and has_checkpoint(ckpt) else "no checkpoint had been saved. ")
                     + f"Lower --outer_lr (now {config.outer_lr}) or --step_size_init "
                     f"(now {config.step_size_init}) and start again."
                 )
@@ -373,7 +374,8 @@ def distill(
             if row is not None and log is not None:
                 log(row)
             if ckpt is not None and (done % config.checkpoint_every == 0 or done == total):
-                save_checkpoint(ckpt, state, {"iteration": done, "seconds": time.perf_counter() - t0})
+                save_checkpoint(ckpt, state, {"iteration": done, "seconds": time.perf_counter() - t0},
+                                keep=config.keep_checkpoints)
                 last_saved = done
             if done % 10 == 0 or done == total:
                 postfix["loss"] = f"{loss:.3f}"

@@ -7,10 +7,8 @@ import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import dd_jax
 import dd_jax.outer
 from conftest import MNIST_GZ, ROOT, corrupt_mnist_file
 from dd_jax import data
-from dd_jax.checkpoint import checkpoint_meta
+from dd_jax.checkpoint import checkpoint_meta, has_checkpoint
 from dd_jax.config import SECTIONS
 from dd_jax.models import get_model
 from dd_jax.outputs import save_curves
@@ -31,7 +29,7 @@ N = 6  # iterations of the reference run
 TINY = ["mnist_fixed_init", "--dataset=digits", f"--iterations={N}", "--eval_every=3",
         "--checkpoint_every=2", "--log_every=1", "--real_batch_size=64", "--n_eval_nets=2",
         "--quiet"]
-OUTPUTS = {"config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png",
+OUTPUTS = {"config.json", "metrics.jsonl", "checkpoint", "distilled.npz", "distilled.png",
            "curves.png", "results.json"}
 
 
@@ -62,7 +60,14 @@ def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    """{path relative to `directory`: bytes} of every file in it, subdirectories included."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def part(files: dict[str, bytes], name: str) -> dict[str, bytes]:
+    """The files of a `snapshot` that are `name` or lie under it."""
+    return {k: v for k, v in files.items() if k == name or k.startswith(name + "/")}
 
 
 def metrics(directory: Path) -> list[dict]:
@@ -112,7 +117,8 @@ def test_run_writes_all_outputs(reference):
     seconds = [r["seconds"] for r in rows]
     assert seconds == sorted(seconds)
 
-    assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+    assert checkpoint_meta(out / "checkpoint")["iteration"] == N
+    assert [p.name for p in (out / "checkpoint").iterdir()] == [str(N)]  # the newest step only
 
     png = (out / "distilled.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -344,7 +350,7 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
             rc, _, err = call_main([*TINY, f"--output_dir={b}"])
         assert rc == 130
         assert "Traceback" not in err and "--resume" in err
-        assert checkpoint_meta(b / "checkpoint.npz")["iteration"] == 4
+        assert checkpoint_meta(b / "checkpoint")["iteration"] == 4
         assert [r["iteration"] for r in metrics(b)] == [1, 2, 3, 4, 5]
         assert not (b / "results.json").exists()
         # resume with no flags but the directory: the saved config.json supplies the rest
@@ -369,7 +375,7 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
     for x, y in zip(rows_a, rows_b):
         assert x["meta_loss"] == y["meta_loss"], x["iteration"]
         assert x["step_sizes"] == y["step_sizes"], x["iteration"]
-    assert checkpoint_meta(b / "checkpoint.npz")["iteration"] == N
+    assert checkpoint_meta(b / "checkpoint")["iteration"] == N
 
 
 def test_interrupted_before_first_checkpoint_can_be_continued(tmp_path, monkeypatch):
@@ -378,13 +384,20 @@ def test_interrupted_before_first_checkpoint_can_be_continued(tmp_path, monkeypa
         _interrupt_meta_step(m, after_calls=1)  # killed in iteration 2, checkpoint_every=2
         rc, _, err = call_main([*TINY, f"--output_dir={out}"])
     assert rc == 130 and "--resume" in err
-    assert not (out / "checkpoint.npz").exists()
+    assert not has_checkpoint(out / "checkpoint")
     # follow the advice printed on interrupt; failing that, the plain command
     rc_resume, _, err_resume = call_main([*TINY, f"--output_dir={out}", "--resume"])
     if rc_resume != 0:
         rc_plain, _, err_plain = call_main([*TINY, f"--output_dir={out}"])
         assert rc_plain == 0, (err_resume, err_plain)
     assert (out / "results.json").exists()
+
+
+def test_keep_checkpoints(reference_copy):
+    out = reference_copy
+    run_ok([*TINY, "--iterations=10", "--keep_checkpoints=2", f"--output_dir={out}", "--resume"])
+    assert sorted(int(p.name) for p in (out / "checkpoint").iterdir()) == [8, 10]
+    assert checkpoint_meta(out / "checkpoint")["iteration"] == 10
 
 
 # --------------------------------------------------------------------------- divergence
@@ -400,9 +413,9 @@ def test_divergence_keeps_the_last_checkpoint(reference_copy):
     line = assert_one_line_error(rc, err, "meta-loss became", "iteration 6")
     assert "nan" in line or "inf" in line
     after = snapshot(out)
-    for name in ("checkpoint.npz", "distilled.npz", "distilled.png", "results.json"):
-        assert after[name] == before[name], name
-    assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+    for name in ("checkpoint", "distilled.npz", "distilled.png", "results.json"):
+        assert part(after, name) == part(before, name) != {}, name
+    assert checkpoint_meta(out / "checkpoint")["iteration"] == N
     assert set(after) == set(before)  # no temporary files left behind
 
 
@@ -417,13 +430,13 @@ def test_divergence_at_first_iteration(diverged_at_start):
     out, rc, err = diverged_at_start
     line = assert_one_line_error(rc, err, "meta-loss became", "at iteration 1", "--step_size_init")
     assert "nan" in line or "inf" in line
-    for name in ("checkpoint.npz", "distilled.npz", "results.json"):
+    for name in ("checkpoint", "distilled.npz", "results.json"):
         assert not (out / name).exists()
 
 
 def test_divergence_message_does_not_claim_a_missing_checkpoint(diverged_at_start):
     out, rc, err = diverged_at_start
-    assert rc != 0 and not (out / "checkpoint.npz").exists()
+    assert rc != 0 and not has_checkpoint(out / "checkpoint")
     assert "checkpoint (iteration 0) is kept" not in err
 
 
@@ -460,10 +473,10 @@ def test_failed_resume_keeps_the_run_resumable(reference_copy):
                             "--quiet"])
     assert_one_line_error(rc, err, "steps")
     after = snapshot(out)
-    for name in ("config.json", "checkpoint.npz", "distilled.npz", "results.json"):
-        assert after[name] == before[name], name
+    for name in ("config.json", "checkpoint", "distilled.npz", "results.json"):
+        assert part(after, name) == part(before, name) != {}, name
     run_ok(["mnist_fixed_init", f"--output_dir={out}", "--resume", "--quiet"])
-    assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+    assert checkpoint_meta(out / "checkpoint")["iteration"] == N
 
 
 # --------------------------------------------------------------------------- bad files and directories
@@ -480,29 +493,43 @@ def test_output_dir_that_cannot_be_written(capsys, tmp_path, argv, where):
     assert (tmp_path / "file").read_text() == "x"
 
 
-def _corrupt(path: Path, how: str) -> None:
-    raw = path.read_bytes()
-    if how == "garbage":
-        path.write_bytes(b"not a checkpoint")
-    elif how == "truncated":
-        path.write_bytes(raw[: len(raw) // 2])
-    else:  # one byte in the middle of the largest array flipped: its CRC no longer matches
-        with zipfile.ZipFile(path) as zf:
-            member = max(zf.infolist(), key=lambda m: m.file_size)
-        header = member.header_offset
-        name_len, extra_len = struct.unpack("<HH", raw[header + 26:header + 30])
-        i = header + 30 + name_len + extra_len + member.file_size // 2
-        path.write_bytes(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:])
+def _corrupt(checkpoint: Path, how: str) -> None:
+    """Damages the newest step of an orbax checkpoint directory."""
+    [step] = [p for p in checkpoint.iterdir() if p.name.isdigit()]
+    if how == "meta_garbage":
+        (step / "meta" / "metadata").write_text("not json")
+    elif how == "arrays_truncated":
+        for f in (step / "state").rglob("*"):
+            if f.is_file() and f.parent.name == "d":
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "arrays_missing":
+        shutil.rmtree(step / "state")
+    else:  # the step directory left empty
+        shutil.rmtree(step)
+        step.mkdir()
 
 
-@pytest.mark.parametrize("how", ["garbage", "truncated", "flipped"])
+@pytest.mark.parametrize("how", ["meta_garbage", "arrays_truncated", "arrays_missing", "empty"])
 def test_corrupted_checkpoint(reference_copy, how):
     out = reference_copy
-    _corrupt(out / "checkpoint.npz", how)
+    _corrupt(out / "checkpoint", how)
     before = snapshot(out)
     rc, _, err = call_main([*TINY, "--iterations=8", f"--output_dir={out}", "--resume"])
     assert_one_line_error(rc, err, "checkpoint", "unreadable", "--output_dir=DIR")
     assert snapshot(out) == before
+
+
+def test_checkpoint_of_an_earlier_version(reference_copy):
+    """A run directory with the single-file checkpoint.npz of dd-jax 0.1.0."""
+    out = reference_copy
+    shutil.rmtree(out / "checkpoint")
+    (out / "checkpoint.npz").write_bytes(b"PK")
+    before = snapshot(out)
+    rc, _, err = call_main([*TINY, "--iterations=8", f"--output_dir={out}", "--resume"])
+    assert_one_line_error(rc, err, "checkpoint.npz", "dd-jax 0.1.0", "--output_dir=DIR")
+    assert snapshot(out) == before
+    rc, _, err = call_main([*TINY, "--iterations=8", f"--output_dir={out}"])
+    assert_one_line_error(rc, err, "already holds a run")
 
 
 def test_checkpoint_of_an_incompatible_config(reference_copy):
