@@ -3,6 +3,8 @@
 The data flow, one module per stage: data -> models -> regimes -> inner -> meta -> outer ->
 evaluation -> outputs; `experiment.run` strings them together.
 """
+__version__ = "0.1.0"  # the package's one version: setup.cfg reads it
+
 from dd_jax.config import default_config
 from dd_jax.data import Dataset, load_dataset
 from dd_jax.errors import ConfigError, DataError, DDJaxError, DivergedError
@@ -17,6 +19,7 @@ from dd_jax.poison import evaluate_poison, poison_labels
 from dd_jax.regimes import INIT_DISTRIBUTIONS, make_regime, sample_init, sample_inits
 
 __all__ = [
+    "__version__",
     "ConfigError", "DDJaxError", "DataError", "Dataset", "DistilledData", "DivergedError",
     "INIT_DISTRIBUTIONS", "LeNet", "Learned", "Model", "as_model", "default_config", "distill", "evaluate",
     "inner_train", "load_dataset", "load_distilled", "make_regime", "meta_loss", "sample_init",

@@ -36,7 +36,8 @@ from dd_jax.evaluation import Evaluator, accuracy_row, evaluate
 from dd_jax.meta import distilled_labels
 from dd_jax.models import as_model
 from dd_jax.outer import DistilledData, validate_config
-from dd_jax.outputs import load_distilled, save_distilled, save_image_grid, write_json
+from dd_jax.outputs import (distilled_model, load_distilled, save_distilled, save_image_grid,
+                            write_json)
 from dd_jax.regimes import make_regime
 
 Params = Any
@@ -311,12 +312,31 @@ def evaluate_row(method: str, data: DistilledData, dataset: Dataset, model_fn, c
 # --------------------------------------------------------------------------- the experiment
 
 
-def load_reference(config, dataset: Dataset) -> DistilledData:
-    """The distilled data at config.distilled, checked against the dataset and knn_k."""
+def shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{leaf path: shape} of a parameter tree."""
+    return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def load_reference(config, dataset: Dataset, model_fn) -> DistilledData:
+    """The distilled data at config.distilled, checked against the dataset, the model (its
+    recorded name and, for a fixed theta_0, the parameters' shapes) and knn_k."""
     d = load_distilled(config.distilled)
     if d.images.shape[2:] != dataset.image_shape:
         raise DataError(f"{config.distilled} holds images of shape {d.images.shape[2:]}, but "
                         f"{config.dataset} has {dataset.image_shape}; pass its own dataset")
+    made_for = distilled_model(config.distilled)
+    if made_for and made_for != config.model:
+        raise DataError(f"{config.distilled} was distilled for model {made_for!r}, this run "
+                        f"uses {config.model!r}; pass --model={made_for} or data distilled for "
+                        f"{config.model}")
+    if d.labels.max() >= dataset.num_classes:
+        raise DataError(f"{config.distilled} has labels up to {d.labels.max()}, but "
+                        f"{config.dataset} has {dataset.num_classes} classes; pass its own dataset")
+    if d.init_params is not None and shapes(d.init_params) != shapes(jax.eval_shape(
+            as_model(model_fn).init, jax.random.PRNGKey(0), dataset.train_x[:1])):
+        raise DataError(f"{config.distilled} holds a theta_0 whose parameters do not fit "
+                        f"{config.model} for {config.dataset}; pass data distilled for it")
     if config.knn_k > d.labels.size:
         raise ConfigError(f"knn_k={config.knn_k} exceeds the {d.labels.size} images in "
                           f"{config.distilled}; lower --knn_k")
@@ -337,7 +357,7 @@ def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool 
     validate_baselines_config(config)
     methods = parse_methods(config.baselines)
     dataset, model = load_data_and_model(config)
-    distilled = load_reference(config, dataset) if config.distilled else None
+    distilled = load_reference(config, dataset, model) if config.distilled else None
     t0 = time.perf_counter()
     maker = BaselineMaker(dataset, model, config)  # checks the split before anything is written
     start_run(config, workdir, name)

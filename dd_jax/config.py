@@ -1,76 +1,110 @@
-"""The configuration of a run: every field, with the authors' defaults.
+"""The configuration of a run: every field, with the authors' defaults and its meaning.
 
-`default_config()` is what `dd_jax.distill` uses when given no config; the named experiments in
-experiments/configs.py start from it, and every field is a command-line flag.
+`SECTIONS` declares each field once, as `Field(name, default, meaning)`: `default_config()` is
+built from it, and `python -m experiments.run --help` prints it. `default_config()` is what
+`dd_jax.distill` uses when given no config; the named experiments in experiments/configs.py start
+from it, and every field is a command-line flag.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import ml_collections
 
 
+class Field(NamedTuple):
+    """One config field: its name, default value and one-line meaning."""
+
+    name: str
+    default: bool | int | float | str
+    doc: str
+
+
+Sections = dict[str, tuple[Field, ...]]
+
+SECTIONS: Sections = {
+    "data and model": (
+        Field("dataset", "mnist", "'mnist', 'digits', 'usps', 'svhn' or a prepared tensorflow-datasets name (see experiments.prepare_data)"),
+        Field("data_dir", "", "where prepared datasets are ('' = tfds default; usps: ./data/usps)"),
+        Field("train_subset", 0, "use the first N training images (0 = all)"),
+        Field("test_subset", 0, "evaluate on the first N test images (0 = the full test set)"),
+        Field("model", "lenet", "'lenet' (28x28 inputs) or 'alexcifarnet' (32x32x3 inputs)"),
+        Field("conv", "native", "'native' (C++ kernels on CPU, elsewhere as toeplitz), 'toeplitz' or 'xla': the same function (models.CONVS)"),
+    ),
+    "initialisation regime": (
+        Field("init_regime", "fixed", "fixed, random, fixed_pretrained or random_pretrained (dd_jax/regimes.py)"),
+        Field("init_dist", "xavier_normal", "weight distribution of theta_0: see dd_jax.INIT_DISTRIBUTIONS, or 'model' (the model's own)"),
+        Field("init_gain", 1.0, "gain of init_dist"),
+    ),
+    "distilled data and inner loop": (
+        Field("steps", 1, "S, distilled batches"),
+        Field("epochs", 3, "E, passes over the S batches: T = S x E inner steps"),
+        Field("images_per_class", 1, "images of each class in each distilled batch"),
+        Field("step_size_init", 0.02, "initial learned step size eta of every inner step (eta = softplus(raw))"),
+        Field("remat", False, "recompute the inner steps in the backward pass (sqrt(T) blocks): memory about flat in T, more time"),
+    ),
+    "outer loop": (
+        Field("n_nets", 1, "initialisations per outer iteration (vmapped)"),
+        Field("real_batch_size", 1024, "real images in each meta-loss"),
+        Field("passes", 400, "passes over the real training set"),
+        Field("iterations", 0, "if > 0, the number of outer iterations, overriding passes"),
+        Field("outer_lr", 0.01, "Adam learning rate of the distilled images and step sizes"),
+        Field("beta1", 0.5, "Adam beta1"),
+        Field("beta2", 0.999, "Adam beta2"),
+        Field("decay_passes", 40, "lr_schedule 'step': outer_lr x decay_factor every this many passes"),
+        Field("decay_factor", 0.5, "lr_schedule 'step': the decay's factor"),
+        Field("lr_schedule", "step", "'step' (the authors': decay_passes, decay_factor) or 'cosine'"),
+        Field("warmup_iterations", 0, "cosine: linear warm-up from 0 to outer_lr over this many iterations"),
+        Field("seed", 0, "everything random derives from it: same seed, same result"),
+    ),
+    "data poisoning (dd_jax.poison): the meta-objective's real labels K -> T": (
+        Field("poison_class", -1, "K: the attacked class (-1 = off, plain distillation)"),
+        Field("poison_target", -1, "T: the class that K is to be predicted as"),
+    ),
+    "evaluation, logging, checkpoints": (
+        Field("n_eval_nets", 20, "held-out initialisations for the final random-regime evaluation"),
+        Field("n_eval_nets_during", 4, "held-out initialisations for the periodic evaluation while training"),
+        Field("val_size", 0, "training images held out (never trained on) to return the evaluated iterate best on them (0 = the last iterate, as the authors report)"),
+        Field("eval_every", 500, "iterations between periodic test evaluations"),
+        Field("log_every", 10, "iterations between rows of metrics.jsonl"),
+        Field("checkpoint_every", 200, "iterations between checkpoints"),
+        Field("keep_checkpoints", 1, "checkpoints kept in <output_dir>/checkpoint (the newest; --resume continues from the newest)"),
+        Field("output_dir", "", "where the run writes ('' = runs/<experiment name>)"),
+        Field("kind", "distill", "what a run does: a key of dd_jax.experiment.RUNNERS ('distill', 'baselines', ...)"),
+    ),
+    "baselines (dd_jax/baselines.py): real-image sets with the distilled data's layout": (
+        Field("baselines", "random_real,optimised_real,kmeans,mean", "comma-separated, in table order"),
+        Field("optimised_candidates", 20, "optimised_real: best of this many random real sets"),
+        Field("step_size_grid", "0.01,0.02,0.03,0.05,0.07,0.1,0.15,0.2,0.3,0.5,1.0", "fixed step sizes searched"),
+        Field("score_holdout", 2000, "training images held out to score sets and step sizes"),
+        Field("knn_k", 1, "neighbours in the k-NN classification with each set"),
+        Field("distilled", "", "a distilled.npz to add to the baselines' table (k-NN and test accuracy)"),
+    ),
+    "pretrained networks: pool training and the pretrained init regimes": (
+        Field("pool_path", "", "pool.npz of fixed_/random_pretrained ('' = runs/<pool_source>_pool/pool.npz)"),
+        Field("pool_source", "", "dataset the pool must have been trained on ('' = any)"),
+        Field("pool_eval_nets", 10, "random_pretrained: last pool members held out for evaluation only"),
+        Field("pool_size", 20, "pretrain_pool: networks to train"),
+        Field("pool_epochs", 1, "pretrain_pool: passes over the training set"),
+        Field("pool_batch_size", 64, "pretrain_pool: minibatch size"),
+        Field("pool_optimizer", "adam", "'adam' (beta1, beta2 above) or 'sgd' (plain), constant step size"),
+        Field("pool_lr", 1e-3, "pretrain_pool: the step size"),
+    ),
+    "scale-out (dd_jax.sharding): devices that split the initialisations and the real batch": (
+        Field("devices", 1, "devices to use (0 = all available; on several hosts: all hosts' devices)"),
+    ),
+}
+
+
+def config_from(sections: Sections) -> ml_collections.ConfigDict:
+    """A flat ConfigDict holding every field of `sections` at its default."""
+    c = ml_collections.ConfigDict()
+    for fields in sections.values():
+        for field in fields:
+            c[field.name] = field.default
+    return c
+
+
 def default_config() -> ml_collections.ConfigDict:
     """The authors' defaults (MNIST, LeNet, fixed init, S=1 step x E=3 epochs, 1 image/class)."""
-    c = ml_collections.ConfigDict()
-    # data and model
-    c.dataset = "mnist"  # 'mnist', 'digits' or a prepared tensorflow-datasets name
-    c.data_dir = ""  # tfds data_dir ('' = tfds default)
-    c.train_subset = 0  # use the first N training images (0 = all)
-    c.test_subset = 0  # evaluate on the first N test images (0 = the full test set)
-    c.model = "lenet"
-    c.conv = "native"  # "native" (C++ kernels on CPU), "toeplitz" or "xla"; same function (models.CONVS)
-    # initialisation regime
-    c.init_regime = "fixed"  # fixed, random, fixed_pretrained or random_pretrained (regimes.py)
-    c.init_dist = "xavier_normal"  # see dd_jax.INIT_DISTRIBUTIONS, or 'model'
-    c.init_gain = 1.0
-    # distilled data and inner loop
-    c.steps = 1
-    c.epochs = 3
-    c.images_per_class = 1
-    c.step_size_init = 0.02
-    c.remat = False
-    # outer loop
-    c.n_nets = 1
-    c.real_batch_size = 1024
-    c.passes = 400  # passes over the real training set
-    c.iterations = 0  # if > 0, overrides passes
-    c.outer_lr = 0.01
-    c.beta1 = 0.5
-    c.beta2 = 0.999
-    c.decay_passes = 40
-    c.decay_factor = 0.5
-    c.lr_schedule = "step"  # "step" (the authors': decay_passes, decay_factor) or "cosine"
-    c.warmup_iterations = 0  # cosine: linear warm-up from 0 to outer_lr over this many iterations
-    c.seed = 0
-    # data poisoning (dd_jax.poison): the meta-objective's real labels K -> T
-    c.poison_class = -1  # K: the attacked class (-1 = off, plain distillation)
-    c.poison_target = -1  # T: the class that K is to be predicted as
-    # evaluation, logging, checkpoints
-    c.n_eval_nets = 20  # held-out initialisations for the final random-regime evaluation
-    c.n_eval_nets_during = 4  # ... for the periodic evaluation while training
-    c.val_size = 0  # training images held out (never trained on) to choose the returned iterate
-    #   at the evaluations: the one best on them (0 = the last iterate, as the authors report)
-    c.eval_every = 500
-    c.log_every = 10
-    c.checkpoint_every = 200
-    c.output_dir = ""  # '' = runs/<experiment name>
-    # what a run does: a key of dd_jax.experiment.RUNNERS ('distill', 'baselines', ...)
-    c.kind = "distill"
-    # baselines (dd_jax/baselines.py): real-image sets with the distilled data's layout
-    c.baselines = "random_real,optimised_real,kmeans,mean"  # comma-separated, in table order
-    c.optimised_candidates = 20  # optimised_real: best of this many random real sets
-    c.step_size_grid = "0.01,0.02,0.03,0.05,0.07,0.1,0.15,0.2,0.3,0.5,1.0"  # fixed step sizes searched
-    c.score_holdout = 2000  # training images held out to score sets and step sizes
-    c.knn_k = 1  # neighbours in the k-NN classification with each set
-    c.distilled = ""  # a distilled.npz to add to the baselines' table (k-NN and test accuracy)
-    # pretrained networks: pool training and the pretrained init regimes (feature: pretrained)
-    c.pool_path = ""  # pool.npz of fixed_/random_pretrained ('' = runs/<pool_source>_pool/pool.npz)
-    c.pool_source = ""  # dataset the pool must have been trained on ('' = any)
-    c.pool_eval_nets = 10  # random_pretrained: last pool members held out for evaluation only
-    c.pool_size = 20  # pretrain_pool: networks to train
-    c.pool_epochs = 1
-    c.pool_batch_size = 64
-    c.pool_optimizer = "adam"  # 'adam' (beta1, beta2 above) or 'sgd' (plain), constant step size
-    c.pool_lr = 1e-3
-    # scale-out (dd_jax.sharding): devices that split the initialisations and the real batch
-    c.devices = 1  # 0 = all available (on several hosts: all hosts' devices)
-    return c
+    return config_from(SECTIONS)

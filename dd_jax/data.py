@@ -9,7 +9,9 @@
 - ``svhn``: tensorflow-datasets' ``svhn_cropped`` (prepared offline), converted to grayscale
   and resized to 28x28 (bicubic);
 - any other name: a tensorflow-datasets catalog dataset that is already prepared on this machine
-  (``tfds.data_source``; with TensorFlow installed, ``tfds.load``).
+  (``tfds.data_source`` reads array_record files; with TensorFlow installed, ``tfds.load``).
+
+`python -m experiments.prepare_data NAME` prepares usps, svhn and tfds datasets in that form.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dd_jax.errors import ConfigError, DataError
+from dd_jax.errors import ConfigError, DataError, absl_warnings_off
 
 MNIST_DIR = Path(__file__).parent / "_data" / "mnist"
 MNIST_FILES = {
@@ -38,6 +40,9 @@ NORMALISATION = {
     "usps": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
 }
+# dataset names of load_dataset whose tfds catalog name differs
+TFDS_NAMES = {"svhn": "svhn_cropped"}
+DATASET_OF_TFDS = {v: k for k, v in TFDS_NAMES.items()}
 USPS_DIR = Path("data") / "usps"
 USPS_FILES = {"train": "usps.bz2", "test": "usps.t.bz2"}  # LIBSVM multiclass 'usps'
 USPS_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass/"
@@ -285,20 +290,49 @@ def _tfds_arrays(name: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
             f"dataset {name!r} needs tensorflow-datasets: pip install tensorflow-datasets"
         ) from None
     try:
-        (train_px, train_y), (test_px, test_y) = (
-            _tfds_split(tfds, name, split, data_dir) for split in ("train", "test")
-        )
-        num_classes = int(tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes)
+        with absl_warnings_off():
+            (train_px, train_y), (test_px, test_y) = (
+                _tfds_split(tfds, name, split, data_dir) for split in ("train", "test")
+            )
+            builder = tfds.builder(name, data_dir=data_dir)
+        num_classes = int(builder.info.features["label"].num_classes)
     except Exception as e:  # tfds raises many types for a dataset that is not prepared
-        raise DataError(
-            f"dataset {name!r} is not available offline ({type(e).__name__}: "
-            f"{' '.join(str(e).split())[:160]}). "
-            f"Prepare it once on a machine with internet: pip install tensorflow "
-            f"tensorflow-datasets && python -c \"import tensorflow_datasets as tfds; "
-            f"tfds.builder('{name}').download_and_prepare()\", then copy ~/tensorflow_datasets "
-            f"here (or pass --data_dir). Offline alternatives: 'mnist', 'digits'."
-        ) from None
+        raise tfds_unavailable(tfds, name, data_dir, e) from None
     return train_px, train_y, test_px, test_y, num_classes
+
+
+def prepared_formats(root: Path, name: str) -> set[str]:
+    """File formats ('array_record', 'tfrecord', ...) of tfds dataset `name`'s prepared files
+    under `root`, for any config and version; empty if none are there."""
+    formats = ("array_record", "tfrecord", "riegeli", "parquet")
+    return {f for f in formats if any((root / name).glob(f"**/*.{f}*"))}
+
+
+def tfds_unavailable(tfds, name: str, data_dir: str | None, error: Exception) -> DataError:
+    """The one-line error for a tfds dataset that could not be read: an unknown name, not
+    prepared, prepared in a format that needs TensorFlow, or unreadable; each with its fix."""
+    import importlib.util
+
+    root = Path(data_dir or tfds.core.constants.DATA_DIR)
+    prepare = f"python -m experiments.prepare_data {DATASET_OF_TFDS.get(name, name)}"
+    formats = prepared_formats(root, name)
+    if isinstance(error, tfds.core.registered.DatasetNotFoundError):
+        return DataError(f"unknown dataset {name!r}: not 'mnist', 'digits', 'usps', 'svhn' or a "
+                         "tensorflow-datasets catalog name (prepared with `python -m "
+                         "experiments.prepare_data NAME`)")
+    if not formats:
+        return DataError(
+            f"dataset {name!r} is not prepared in {root}: on a machine with internet run "
+            f"`{prepare} --data_dir=DIR`, copy DIR here and pass --data_dir=DIR "
+            "(offline alternatives: 'mnist', 'digits')")
+    if "array_record" not in formats and importlib.util.find_spec("tensorflow") is None:
+        return DataError(
+            f"dataset {name!r} in {root} is prepared as {', '.join(sorted(formats))} files, "
+            "which tensorflow-datasets reads only with TensorFlow: pip install tensorflow, or "
+            f"prepare it again as array_record with `{prepare} --data_dir=DIR`")
+    return DataError(
+        f"dataset {name!r} in {root} cannot be read ({type(error).__name__}: "
+        f"{' '.join(str(error).split())[:160]}); prepare it again with `{prepare} --data_dir=DIR`")
 
 
 def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
@@ -320,7 +354,7 @@ def load_svhn(data_dir: str | None = None, size: int = 28) -> Dataset:
     """SVHN (tfds 'svhn_cropped', 73257 train / 26032 test, 32x32 RGB) as grayscale
     (ITU-R 601-2 luma, as PIL's 'L') resized to size x size (bicubic), normalised with the
     grayscale training set's own mean and std."""
-    train_px, train_y, test_px, test_y, num_classes = _tfds_arrays("svhn_cropped", data_dir)
+    train_px, train_y, test_px, test_y, num_classes = _tfds_arrays(TFDS_NAMES["svhn"], data_dir)
 
     def gray(px: np.ndarray) -> np.ndarray:
         luma = px.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0

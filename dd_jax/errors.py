@@ -1,4 +1,9 @@
 """The errors dd_jax raises for bad input: each message names the problem and the fix."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
 
 
 class DDJaxError(Exception):
@@ -15,3 +20,16 @@ class DataError(DDJaxError):
 
 class DivergedError(DDJaxError, FloatingPointError):
     """The meta-loss became NaN or infinite."""
+
+
+@contextlib.contextmanager
+def absl_warnings_off() -> Iterator[None]:
+    """Silences the warnings that tensorflow-datasets and orbax log through absl on stderr,
+    where dd_jax reports what goes wrong itself, as one error line."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)

@@ -2,8 +2,9 @@
 
 `run` dispatches on the config's `kind` through RUNNERS. The 'distill' kind is
 data -> distill -> evaluate -> outputs; its run directory holds config.json, metrics.jsonl,
-checkpoint.npz, distilled.npz, distilled.png and results.json. A 'pretrain_pool' run
-(`run_pool`) trains a pool of networks and holds config.json, pool.npz and results.json.
+checkpoint/, distilled.npz, distilled.png, curves.png (metrics.jsonl plotted) and
+results.json. A 'pretrain_pool' run (`run_pool`) trains a pool of networks and holds
+config.json, pool.npz and results.json.
 Every kind writes config.json and results.json (the keys `python -m experiments.report` reads:
 experiment, dataset, init_regime, images, test_acc, test_acc_std, eval_nets, distill_seconds,
 optionally rows). A poisoning run also writes poisoning.png.
@@ -12,23 +13,27 @@ from __future__ import annotations
 
 import importlib
 import platform
+import subprocess
 import time
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 
-from dd_jax.checkpoint import checkpoint_meta
+import dd_jax
+from dd_jax.checkpoint import checkpoint_meta, has_checkpoint
 from dd_jax.data import Dataset, load_dataset
 from dd_jax.errors import ConfigError
 from dd_jax.evaluation import Evaluator, accuracy_row, evaluate, summarise
 from dd_jax.models import as_model, get_model
 from dd_jax.outer import CHECKPOINT, METRICS, distill, validate_config
-from dd_jax.outputs import MetricsLog, save_distilled, save_image_grid, write_json
+from dd_jax.outputs import (MetricsLog, read_metrics, save_curves, save_distilled,
+                            save_image_grid, write_json)
 from dd_jax.pretrain import POOL_FILE, save_pool, train_pool, validate_pool_config
 from dd_jax.poison import poison_results, save_poison_chart
 
 CONFIG = "config.json"
+CURVES = "curves.png"
 RESULTS = "results.json"
 
 # config.kind -> "module:function" that runs one experiment of that kind:
@@ -51,22 +56,31 @@ def refuse_resume(config, resume: bool) -> None:
                           "--output_dir=DIR if this one holds a finished run)")
 
 
-def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
-    """Creates `workdir` and writes the run's config.json, refusing to overwrite an earlier
-    run's checkpoint or results, and to resume no run.
+def check_run_dir(workdir: Path, resume: bool) -> None:
+    """Refuses to overwrite an earlier run's checkpoint or results, and to resume no run.
 
     A directory whose run stopped before its first checkpoint holds nothing worth keeping:
     a plain rerun starts afresh there, and so does --resume.
     """
     if resume and not (workdir / CONFIG).exists():
         raise ConfigError(f"nothing to resume: {workdir} holds no run; drop --resume")
-    if not resume and any((workdir / f).exists() for f in (CHECKPOINT, RESULTS)):
+    if not resume and (has_checkpoint(workdir / CHECKPOINT) or (workdir / RESULTS).exists()):
         raise ConfigError(
             f"{workdir} already holds a run; pass --resume to continue it, or choose a new "
             "directory with --output_dir=DIR"
         )
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
+
+
+def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
+    """`check_run_dir`, then creates `workdir` and writes the run's config.json; a directory
+    that cannot be created or written is a ConfigError."""
+    check_run_dir(workdir, resume)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
+    except OSError as e:
+        raise ConfigError(f"cannot write the output directory {workdir} ({e.strerror or e}); "
+                          "choose a writable one with --output_dir=DIR") from None
 
 
 def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
@@ -76,10 +90,30 @@ def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
     return dataset, get_model(config.model, dataset.num_classes, config.conv)
 
 
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, whether tracked files differ from it) of the git checkout that dd_jax is
+    imported from; (None, None) outside one or without git."""
+    root = Path(dd_jax.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+                              capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                 "--untracked-files=no"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    lines = head.stdout.splitlines()
+    if head.returncode or status.returncode or len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return None, None
+    return lines[1], bool(status.stdout.strip())
+
+
 def machine_info() -> dict:
-    """Where a run ran, for results.json."""
+    """Where and with what a run ran, for results.json: the platform, devices, jax and dd_jax
+    versions, and the git commit of dd_jax's checkout (null outside one)."""
+    commit, dirty = git_state()
     return {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
-            "jax": jax.__version__}
+            "jax": jax.__version__, "dd_jax": dd_jax.__version__, "git_commit": commit,
+            "git_dirty": dirty}
 
 
 def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
@@ -99,15 +133,19 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     workdir = Path(workdir)
     validate_config(config)
     dataset, model = load_data_and_model(config)
-    start_run(config, workdir, name, resume)
+    check_run_dir(workdir, resume)
+    resume = resume and has_checkpoint(workdir / CHECKPOINT)
+    metrics: list[MetricsLog] = []
 
-    resume = resume and (workdir / CHECKPOINT).exists()
-    keep_until = checkpoint_meta(workdir / CHECKPOINT)["iteration"] if resume else None
-    log = MetricsLog(workdir / METRICS, keep_until)
+    def begin(iteration: int) -> None:  # the checkpoint is restored: now files are written
+        start_run(config, workdir, name, resume)
+        metrics.append(MetricsLog(workdir / METRICS, iteration if resume else None))
+
     distilled = distill(dataset, model, config, workdir=workdir, resume=resume,
-                        progress=progress, log=log)
+                        progress=progress, log=lambda row: metrics[0](row), on_start=begin)
     save_distilled(workdir / "distilled.npz", distilled, model=config.model)
     save_image_grid(workdir / "distilled.png", distilled)
+    save_curves(workdir / CURVES, read_metrics(workdir / METRICS))
 
     distill_seconds = checkpoint_meta(workdir / CHECKPOINT)["seconds"]
     t1 = time.perf_counter()

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from dd_jax.config import Field, Sections, config_from
 from dd_jax.errors import ConfigError, DivergedError
 from dd_jax.experiment import RESULTS, machine_info, refuse_resume, start_run
 from dd_jax.inner import inner_train
@@ -38,33 +39,42 @@ from dd_jax.regimes import DATA_STREAM, IMAGES_STREAM, make_regime
 PLOT = "linear_analysis.png"
 
 
+LINEAR_SECTIONS: Sections = {
+    "what a run does": (
+        Field("kind", "linear", "dispatched by dd_jax.experiment.run to run_linear"),
+    ),
+    "the regression problem": (
+        Field("dim", 10, "D, features"),
+        Field("train_points", 1000, "N, real data points (the meta-loss uses all of them)"),
+        Field("noise", 0.1, "std of the label noise"),
+        Field("init_scale", 1.0, "theta_0 ~ N(0, init_scale^2 I)"),
+    ),
+    "distilled data: one GD step on M points, M = 1..max_points": (
+        Field("max_points", 20, "the largest M"),
+        Field("step_size_init", 0.1, "initial learned step size eta"),
+    ),
+    "outer loop (one iteration = one pass over the N real points)": (
+        Field("n_nets", 16, "theta_0 per iteration, vmapped"),
+        Field("iterations", 2000, "outer iterations for each M"),
+        Field("outer_lr", 0.03, "Adam learning rate"),
+        Field("beta1", 0.9, "Adam beta1"),
+        Field("beta2", 0.999, "Adam beta2"),
+        Field("decay_passes", 500, "lr_schedule 'step': learning rate x decay_factor every this many iterations"),
+        Field("decay_factor", 0.5, "lr_schedule 'step': the decay's factor"),
+        Field("lr_schedule", "step", "'step' or 'cosine' (dd_jax.outer.make_optimizer)"),
+        Field("warmup_iterations", 0, "cosine: linear warm-up from 0 to outer_lr over this many iterations"),
+        Field("seed", 0, "everything random derives from it: same seed, same result"),
+    ),
+    "evaluation and outputs": (
+        Field("n_eval_nets", 200, "held-out theta_0 (the paper's count for random inits)"),
+        Field("output_dir", "", "where the run writes ('' = runs/<experiment name>)"),
+    ),
+}
+
+
 def linear_config() -> ml_collections.ConfigDict:
     """The linear analysis at D = 10, M = 1..20 (about a minute on 2 CPU cores)."""
-    c = ml_collections.ConfigDict()
-    c.kind = "linear"  # dispatched by dd_jax.experiment.run to run_linear
-    # the regression problem
-    c.dim = 10  # D, features
-    c.train_points = 1000  # N, real data points (the meta-loss uses all of them)
-    c.noise = 0.1  # std of the label noise
-    c.init_scale = 1.0  # theta_0 ~ N(0, init_scale^2 I)
-    # distilled data: one GD step on M points, M = 1..max_points
-    c.max_points = 20
-    c.step_size_init = 0.1
-    # outer loop (one iteration = one pass over the N real points)
-    c.n_nets = 16  # theta_0 per iteration, vmapped
-    c.iterations = 2000
-    c.outer_lr = 0.03
-    c.beta1 = 0.9
-    c.beta2 = 0.999
-    c.decay_passes = 500  # learning rate x decay_factor every decay_passes iterations
-    c.decay_factor = 0.5
-    c.lr_schedule = "step"  # or "cosine" (dd_jax.outer.make_optimizer)
-    c.warmup_iterations = 0
-    c.seed = 0
-    # evaluation and outputs
-    c.n_eval_nets = 200  # held-out theta_0 (the paper's count for random inits)
-    c.output_dir = ""
-    return c
+    return config_from(LINEAR_SECTIONS)
 
 
 def validate_linear_config(config) -> None:

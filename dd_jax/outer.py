@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dd_jax.checkpoint import restore_checkpoint, save_checkpoint
+from dd_jax.checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from dd_jax.config import default_config
 from dd_jax.data import Dataset, split_holdout
 from dd_jax.errors import ConfigError, DivergedError
@@ -34,8 +34,8 @@ from dd_jax.sharding import make_mesh, replicate, select_devices, sharded_meta_l
 from dd_jax.poison import check_poison, poison_labels
 
 Params = Any
-CHECKPOINT = "checkpoint.npz"
-BEST_CHECKPOINT = "best_checkpoint.npz"  # with val_size: the iterate best on the holdout
+CHECKPOINT = "checkpoint"  # dd_jax.checkpoint directories
+BEST_CHECKPOINT = "best_checkpoint"  # with val_size: the iterate best on the holdout
 LR_SCHEDULES = ("step", "cosine")  # the outer learning rate's schedules (make_optimizer)
 METRICS = "metrics.jsonl"
 
@@ -83,7 +83,8 @@ class DistillState:
 def validate_config(config) -> None:
     """Raises ConfigError naming the first impossible value and what would work."""
     at_least_one = ["steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
-                    "passes", "n_eval_nets", "checkpoint_every", "eval_every", "log_every"]
+                    "passes", "n_eval_nets", "checkpoint_every", "eval_every", "log_every",
+                    "keep_checkpoints"]
     for name in at_least_one:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
@@ -239,7 +240,7 @@ class BestOnValidation:
 
     def restore(self, template: Learned) -> None:
         """Reads the best iterate saved at `path`, if there is one (shapes as `template`)."""
-        if self.path is not None and self.path.exists():
+        if self.path is not None and has_checkpoint(self.path):
             self.learned, meta = restore_checkpoint(self.path, template)
             self.iteration, self.val_acc = meta["iteration"], meta["val_acc"]
 
@@ -308,7 +309,7 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
 def distill(
     dataset: Dataset, model_fn, config=None, *, workdir: str | Path | None = None,
     resume: bool = False, progress: bool = True, log: Callable[[dict], None] | None = None,
-    **overrides,
+    on_start: Callable[[int], None] | None = None, **overrides,
 ) -> DistilledData:
     """Learns distilled images and step sizes for `dataset` and `model_fn` (see models.as_model).
 
@@ -316,6 +317,9 @@ def distill(
     its fields, e.g. ``distill(ds, LeNet(), steps=10, passes=20)``. With `workdir`, checkpoints
     go there every `checkpoint_every` iterations and ``resume=True`` continues from the last one.
     `log` receives one dict per logged iteration (loss, step sizes, seconds, test accuracy).
+    `on_start` is called with the first iteration to run once the state is built and any
+    checkpoint restored: a caller that writes its files there leaves them untouched when the
+    checkpoint cannot be resumed.
     With config.val_size > 0 the returned data is the evaluated iterate (every `eval_every`
     iterations and the last) with the best accuracy on that many held-out training images
     (`BestOnValidation`; its `selected` says which); otherwise it is the last iterate.
@@ -331,10 +335,12 @@ def distill(
 
     ckpt = Path(workdir) / CHECKPOINT if workdir is not None else None
     elapsed = 0.0
-    if resume and ckpt is not None and ckpt.exists():
+    if resume and ckpt is not None and has_checkpoint(ckpt):
         state, meta = restore_checkpoint(ckpt, state)
         elapsed = meta["seconds"]
     start_it = int(state.iteration)
+    if on_start is not None:
+        on_start(start_it)
 
     with _progress(total, start_it, progress) as bar:
         postfix: dict[str, str] = {}
@@ -347,7 +353,7 @@ def distill(
                 raise DivergedError(
                     f"meta-loss became {loss} at iteration {it + 1}; "
                     + (f"the last checkpoint (iteration {last_saved}) is kept. "
-                       if ckpt is not None and ckpt.exists() else "no checkpoint had been saved. ")
+                       if ckpt is not None and has_checkpoint(ckpt) else "no checkpoint had been saved. ")
                     + f"Lower --outer_lr (now {config.outer_lr}) or --step_size_init "
                     f"(now {config.step_size_init}) and start again."
                 )
@@ -368,7 +374,8 @@ def distill(
             if row is not None and log is not None:
                 log(row)
             if ckpt is not None and (done % config.checkpoint_every == 0 or done == total):
-                save_checkpoint(ckpt, state, {"iteration": done, "seconds": time.perf_counter() - t0})
+                save_checkpoint(ckpt, state, {"iteration": done, "seconds": time.perf_counter() - t0},
+                                keep=config.keep_checkpoints)
                 last_saved = done
             if done % 10 == 0 or done == total:
                 postfix["loss"] = f"{loss:.3f}"

@@ -90,6 +90,15 @@ def load_distilled(path: str | Path) -> DistilledData:
     )
 
 
+def distilled_model(path: str | Path) -> str:
+    """The model name an .npz of `save_distilled` records ('' if none was given)."""
+    try:
+        with np.load(path) as f:
+            return str(f["model"]) if "model" in f.files else ""
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read distilled data from {path}: {e}") from None
+
+
 @contextlib.contextmanager
 def saved_figure(path: str | Path, *, dpi: int, pad: float = 1.08, **subplots) -> Iterator[tuple]:
     """``with saved_figure(path, dpi=..., figsize=...) as (fig, axes):`` draw, and on leaving
@@ -129,6 +138,36 @@ def save_image_grid(path: str | Path, d: DistilledData, class_names: list[str] |
                 ax.set_title(class_names[label] if class_names else str(label), fontsize=7, pad=2)
             axes[s, 0].set_ylabel(f"step {s}\nlr {etas}".replace(", ", ",\n"), fontsize=6,
                                   rotation=0, ha="right", va="center")
+
+
+def save_curves(path: str | Path, rows: list[dict]) -> None:
+    """PNG of metrics.jsonl rows against iterations: the meta-loss, each learned step size, and
+    the test (and validation) accuracy of the periodic evaluations."""
+    logged = [r for r in rows if "step_sizes" in r]
+    with saved_figure(path, dpi=100, nrows=1, ncols=3, figsize=(14, 3.8)) as (_, axes):
+        loss_ax, steps_ax, acc_ax = axes
+        losses = [r["meta_loss"] for r in rows]
+        loss_ax.plot([r["iteration"] for r in rows], losses)
+        loss_ax.set(xlabel="iteration", ylabel="meta-loss", title="meta-loss",
+                    yscale="log" if min(losses, default=0) > 0 else "linear")
+        if logged:
+            steps_ax.plot([r["iteration"] for r in logged],
+                          np.array([r["step_sizes"] for r in logged]), linewidth=0.8)
+        steps_ax.set(xlabel="iteration", ylabel="step size",
+                     title="learned step sizes (one line per inner step)")
+        for key, label in (("test_acc", "test"), ("val_acc", "validation")):
+            points = [r for r in rows if key in r]
+            if points:
+                acc_ax.plot([r["iteration"] for r in points], [100 * r[key] for r in points],
+                            marker="o", markersize=3, label=label)
+        acc_ax.set(xlabel="iteration", ylabel="accuracy (%)", title="accuracy at evaluations")
+        if acc_ax.lines:
+            acc_ax.legend()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -1,33 +1,45 @@
-"""Run a named experiment of the paper.
+"""Run a named experiment of the paper: `python -m experiments.run NAME [flags]`, or `dd-jax`.
 
-    python -m experiments.run --list
-    python -m experiments.run mnist_fixed_init [--field=value ...] [--resume] [--quiet]
-                                               [--distributed]
-
-Any config field (see experiments/configs.py) can be overridden with --field=value.
-Results go to runs/<name>/ unless --output_dir is given. --distributed joins a multi-host run
-(jax.distributed.initialize; see dd_jax.sharding.init_distributed) - never needed on one host.
+Every config field is a flag (`--help` lists them with their defaults and meanings). Results go
+to runs/NAME/ unless --output_dir is given.
 """
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
 
+from dd_jax.config import SECTIONS, Sections, default_config
 from dd_jax.errors import ConfigError, DDJaxError
+from dd_jax.linear import LINEAR_SECTIONS
 from experiments.configs import EXPERIMENTS
 
 # Fields that shape the checkpointed state or its random streams: fixed for a run's lifetime.
 RUN_IDENTITY = ("dataset", "data_dir", "train_subset", "model", "init_regime", "init_dist",
                 "init_gain", "steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
                 "seed", "step_size_init", "pool_path", "pool_source", "pool_eval_nets", "val_size")
-USAGE = ("usage: python -m experiments.run NAME [--field=value ...] [--resume] [--quiet] "
-         "[--distributed] | --list")
+USAGE = ("usage: python -m experiments.run (or dd-jax) NAME [--FIELD VALUE | --FIELD=VALUE | --FLAG | "
+         "--no-FLAG ...] [--resume] [--quiet] [--distributed] | --list | [NAME] --help")
+SWITCHES = {
+    "list": "the named experiments, each with its whole description",
+    "resume": "continue the run in the output directory from its last checkpoint, with the "
+              "run's saved config (flags given with it override)",
+    "quiet": "no progress bar",
+    "distributed": "join a multi-host run (jax.distributed.initialize; see "
+                   "dd_jax.sharding.init_distributed); never needed on one host",
+    "help": "this text (-h); after NAME, with NAME's values as the defaults",
+}
+# True/false fields: set by a bare --FLAG or --no-FLAG (or --FLAG=VALUE), never by a separate VALUE.
+BOOLEANS = frozenset(f.name for sections in (SECTIONS, LINEAR_SECTIONS)
+                     for fields in sections.values() for f in fields if isinstance(f.default, bool))
 
 
-def parse_value(field: str, text: str, default):
-    """The flag text converted to the type of the field's default."""
+def parse_value(field: str, text: str | None, default):
+    """The flag text converted to the type of the field's default (None: a flag given no value)."""
+    if text is None:
+        raise ConfigError(f"flag --{field} needs a value: --{field}=VALUE")
     try:
         if isinstance(default, bool):
             if text.lower() in ("1", "true", "yes", "on"):
@@ -41,7 +53,7 @@ def parse_value(field: str, text: str, default):
         raise ConfigError(f"--{field}={text!r}: expected {kind} (default {default!r})") from None
 
 
-def apply_overrides(config, overrides: dict[str, str]):
+def apply_overrides(config, overrides: dict[str, str | None]):
     """Sets each --field=value on `config`; unknown fields are an error naming near matches."""
     for field, text in overrides.items():
         if field not in config:
@@ -55,17 +67,25 @@ def apply_overrides(config, overrides: dict[str, str]):
     return config
 
 
-def parse_args(argv: list[str]) -> tuple[str, dict[str, str], set[str]]:
-    """argv -> (experiment name, {field: text}, switches such as 'resume')."""
+def parse_args(argv: list[str]) -> tuple[str, dict[str, str | None], set[str]]:
+    """argv -> (experiment name, {field: text, or None if given no value}, switches such as
+    'resume'). `--field value`, `--field=value`, and for BOOLEANS `--field` and `--no-field`."""
     name, overrides, switches = None, {}, set()
-    for arg in argv:
-        if arg in ("--list", "--resume", "--quiet", "--distributed", "--help", "-h"):
-            switches.add(arg.lstrip("-"))
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "-h" or (arg.startswith("--") and arg[2:] in SWITCHES):
+            switches.add("help" if arg == "-h" else arg[2:])
+        elif arg.startswith("--no-") and arg[5:] in BOOLEANS:
+            overrides[arg[5:]] = "false"
         elif arg.startswith("--"):
             field, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise ConfigError(f"flag {arg!r} needs a value: --{field}=VALUE")
-            overrides[field] = text
+            if eq:
+                overrides[field] = text
+            elif field in BOOLEANS:
+                overrides[field] = "true"
+            else:
+                overrides[field] = rest.pop(0) if rest and not rest[0].startswith("--") else None
         elif name is None:
             name = arg
         else:
@@ -81,24 +101,58 @@ def named_config(name: str):
     return EXPERIMENTS[name]()
 
 
-def resolve_config(name: str, overrides: dict[str, str], resume: bool):
+def resolve_config(name: str, overrides: dict[str, str | None], resume: bool):
     """The experiment's config with overrides; on --resume, the saved run's config instead."""
-    config = named_config(name)
-    workdir = Path(overrides.get("output_dir") or config.output_dir or f"runs/{name}")
+    config = apply_overrides(named_config(name), overrides)
+    workdir = Path(config.output_dir or f"runs/{name}")
     saved = workdir / "config.json"
     if resume and saved.exists():
         stored = json.loads(saved.read_text())
         stored.pop("experiment", None)
-        config.update(stored)
         for field in RUN_IDENTITY:
-            if field in overrides and parse_value(field, overrides[field], config[field]) != config[field]:
+            if field in overrides and config[field] != stored.get(field, config[field]):
                 raise ConfigError(
                     f"--{field} cannot change on --resume (the run in {workdir} has "
                     f"{field}={stored.get(field)!r}); drop the flag, or start a new run with "
                     "--output_dir=DIR"
                 )
-    config = apply_overrides(config, overrides)
+        config = named_config(name)
+        config.update(stored)
+        config = apply_overrides(config, overrides)
     return config, Path(config.output_dir or workdir)
+
+
+def sections_of(config) -> Sections:
+    """The documented fields of `config`'s kind."""
+    return LINEAR_SECTIONS if config.get("kind") == "linear" else SECTIONS
+
+
+def flag_text(name: str, value) -> str:
+    """'--name=value' as it would be typed, with '' for an empty value."""
+    text = str(value).lower() if isinstance(value, bool) else str(value) or "''"
+    return f"--{name}={text}"
+
+
+def help_text(name: str | None) -> str:
+    """Usage, switches and every config flag with its default and meaning: default_config()'s,
+    or with `name` the experiment's description and its values."""
+    config = named_config(name) if name else default_config()
+    intro = (" ".join(EXPERIMENTS[name].__doc__.split()) if name else
+             "Runs a named experiment (--list names them) into runs/NAME/.")
+    lines = [USAGE, "", intro, "", "switches:"]
+    lines += [f"  --{s:<12} {doc}" for s, doc in SWITCHES.items()]
+    lines += ["", f"config fields, as --FIELD=DEFAULT{f' for {name}' if name else ''} (any of "
+              "them --FIELD VALUE; true/false fields also --FIELD, --no-FIELD):"]
+    for title, fields in sections_of(config).items():
+        lines += ["", f"{title}:"]
+        lines += [f"  {flag_text(f.name, config[f.name]):<32} {f.doc}" for f in fields
+                  if f.name in config]
+    return "\n".join(lines)
+
+
+def list_text() -> str:
+    """One line per named experiment: its name and whole description."""
+    return "\n".join(f"{n:28s} {' '.join(fn.__doc__.split())}" for n, fn in EXPERIMENTS.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name, overrides, switches = parse_args(argv)
         if "help" in switches:
-            print(__doc__)
+            print(help_text(name))
             return 0
         if "list" in switches:
-            for n, fn in EXPERIMENTS.items():
-                print(f"{n:28s} {fn.__doc__.splitlines()[0]}")
+            print(list_text())
             return 0
         if name is None:
             raise ConfigError(f"no experiment named; {USAGE}; valid names: {', '.join(EXPERIMENTS)}")
@@ -126,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except DDJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout piped into a reader that stopped early, e.g. `| head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command with --resume to continue from the last "
               "checkpoint", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -17,8 +18,10 @@ import dd_jax
 import dd_jax.outer
 from conftest import MNIST_GZ, ROOT, corrupt_mnist_file, interrupt_meta_step
 from dd_jax import data
-from dd_jax.checkpoint import checkpoint_meta
+from dd_jax.checkpoint import checkpoint_meta, has_checkpoint
+from dd_jax.config import SECTIONS
 from dd_jax.models import get_model
+from dd_jax.outputs import save_curves
 from experiments import run as cli
 from experiments.configs import EXPERIMENTS
 
@@ -26,8 +29,8 @@ N = 6  # iterations of the reference run
 TINY = ["mnist_fixed_init", "--dataset=digits", f"--iterations={N}", "--eval_every=3",
         "--checkpoint_every=2", "--log_every=1", "--real_batch_size=64", "--n_eval_nets=2", "--val_size=0",
         "--quiet"]
-OUTPUTS = {"config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png",
-           "results.json"}
+OUTPUTS = {"config.json", "metrics.jsonl", "checkpoint", "distilled.npz", "distilled.png",
+           "curves.png", "results.json"}
 
 
 def call_main(args) -> tuple[int, str, str]:
@@ -57,7 +60,14 @@ def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    """{path relative to `directory`: bytes} of every file in it, subdirectories included."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def part(files: dict[str, bytes], name: str) -> dict[str, bytes]:
+    """The files of a `snapshot` that are `name` or lie under it."""
+    return {k: v for k, v in files.items() if k == name or k.startswith(name + "/")}
 
 
 def metrics(directory: Path) -> list[dict]:
@@ -107,7 +117,8 @@ def test_run_writes_all_outputs(reference):
     seconds = [r["seconds"] for r in rows]
     assert seconds == sorted(seconds)
 
-    assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+    assert checkpoint_meta(out / "checkpoint")["iteration"] == N
+    assert [p.name for p in (out / "checkpoint").iterdir()] == [str(N)]  # the newest step only
 
     png = (out / "distilled.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -115,6 +126,23 @@ def test_run_writes_all_outputs(reference):
 
     img = matplotlib.image.imread(out / "distilled.png")
     assert img.ndim == 3 and img.shape[0] > 20 and img.shape[1] > 100
+    curves = matplotlib.image.imread(out / "curves.png")
+    assert curves.shape[:2] == (380, 1400)
+
+
+@pytest.mark.parametrize("kept", ["all", "log_rows_only", "one_eval_row", "with_validation"])
+def test_curves_from_any_metrics(reference, tmp_path, kept):
+    """curves.png is drawn from whichever rows a run logged: with or without evaluations,
+    step sizes or a validation holdout."""
+    rows = metrics(reference[0])
+    if kept == "log_rows_only":
+        rows = [{k: v for k, v in r.items() if not k.startswith("test")} for r in rows]
+    elif kept == "one_eval_row":
+        rows = [{"iteration": 3, "meta_loss": 1.5, "test_acc": 0.5}]
+    elif kept == "with_validation":
+        rows = [{**r, "val_acc": r["test_acc"] / 2} if "test_acc" in r else r for r in rows]
+    save_curves(tmp_path / "curves.png", rows)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_results_reproducible_from_distilled_npz(reference):
@@ -126,6 +154,7 @@ def test_results_reproducible_from_distilled_npz(reference):
     assert results["eval_nets"] == 1  # fixed regime: the one theta_0
     assert 0 <= results["test_acc"] <= 1 and 0 <= results["untrained_acc"] <= 1
     assert results["distill_seconds"] > 0
+    assert results["machine"]["dd_jax"] == dd_jax.__version__ and "git_commit" in results["machine"]
 
     d = dd_jax.load_distilled(out / "distilled.npz")
     assert d.images.shape == (1, 10, 28, 28, 1) and d.labels.shape == (1, 10)
@@ -207,6 +236,87 @@ def test_help(capsys):
     assert "python -m experiments.run" in capsys.readouterr().out
 
 
+# --------------------------------------------------------------------------- flags and --help
+
+
+def test_every_field_is_documented_once():
+    for make in EXPERIMENTS.values():
+        config = make()
+        documented = [f.name for fields in cli.sections_of(config).values() for f in fields]
+        assert len(documented) == len(set(documented))
+        assert set(config) <= set(documented), set(config) - set(documented)
+    assert set(dd_jax.default_config()) == {f.name for fields in SECTIONS.values() for f in fields}
+
+
+@pytest.mark.parametrize("name", [None, "mnist_random_init", "linear_analysis"])
+def test_help_lists_every_flag_with_default_and_meaning(capsys, name):
+    assert cli.main([name, "--help"] if name else ["-h"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    config = EXPERIMENTS[name]() if name else dd_jax.default_config()
+    for fields in cli.sections_of(config).values():
+        for f in fields:
+            [line] = [l for l in lines if l.strip().startswith(f"--{f.name}=")]
+            assert line.split()[0] == cli.flag_text(f.name, config[f.name])
+            assert line.endswith(f.doc)
+    for switch in cli.SWITCHES:
+        assert any(l.strip().startswith(f"--{switch} ") for l in lines)
+    if name:
+        assert " ".join(EXPERIMENTS[name].__doc__.split()) in lines
+
+
+def test_help_shows_the_experiments_values():
+    assert cli.help_text("mnist_random_init").count("--init_regime=random ") == 1
+    assert "--remat=false " in cli.help_text(None)
+    assert "--data_dir='' " in cli.help_text(None)
+
+
+def test_list_prints_whole_descriptions(capsys):
+    assert cli.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for (name, make), line in zip(EXPERIMENTS.items(), lines):
+        assert line.split()[0] == name
+        assert line.endswith(" ".join(make.__doc__.split()))
+
+
+FORMS = [
+    (["--iterations", "7"], {"iterations": 7}),
+    (["--iterations=7"], {"iterations": 7}),
+    (["--outer_lr", "0.5", "--seed=3"], {"outer_lr": 0.5, "seed": 3}),
+    (["--poison_class", "-1", "--poison_target", "2"], {"poison_class": -1, "poison_target": 2}),
+    (["--remat"], {"remat": True}),
+    (["--no-remat"], {"remat": False}),
+    (["--remat=true"], {"remat": True}),
+    (["--remat=off"], {"remat": False}),
+    (["--remat", "--no-remat"], {"remat": False}),
+    (["--data_dir", ""], {"data_dir": ""}),
+    (["--data_dir="], {"data_dir": ""}),
+]
+
+
+@pytest.mark.parametrize("flags, expected", FORMS, ids=[" ".join(f) for f, _ in FORMS])
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_flag_forms(flags, expected, where):
+    argv = ["mnist_fixed_init", *flags] if where == "after" else [*flags, "mnist_fixed_init"]
+    name, overrides, switches = cli.parse_args([*argv, "--quiet"])
+    assert name == "mnist_fixed_init" and switches == {"quiet"}
+    config, _ = cli.resolve_config(name, overrides, resume=False)
+    for field, value in expected.items():
+        assert config[field] == value and type(config[field]) is type(value), field
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--iterations", "--quiet"], ["flag --iterations needs a value", "--iterations=VALUE"]),
+    (["--iterations"], ["flag --iterations needs a value"]),
+    (["--no-steps"], ["unknown flag --no-steps", "did you mean --steps"]),
+    (["--remat", "maybe"], ["unexpected argument 'maybe'"]),
+    (["--iterationz", "5"], ["unknown flag --iterationz", "did you mean --iterations"]),
+])
+def test_flag_form_errors(capsys, tmp_path, args, fragments):
+    rc = cli.main(["mnist_fixed_init", *args, f"--output_dir={tmp_path / 'never'}"])
+    assert_one_line_error(rc, capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "never").exists()
+
+
 # --------------------------------------------------------------------------- kill and resume
 
 
@@ -221,7 +331,7 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
             rc, _, err = call_main([*TINY, f"--output_dir={b}"])
         assert rc == 130
         assert "Traceback" not in err and "--resume" in err
-        assert checkpoint_meta(b / "checkpoint.npz")["iteration"] == 4
+        assert checkpoint_meta(b / "checkpoint")["iteration"] == 4
         assert [r["iteration"] for r in metrics(b)] == [1, 2, 3, 4, 5]
         assert not (b / "results.json").exists()
         # resume with no flags but the directory: the saved config.json supplies the rest
@@ -246,7 +356,7 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
     for x, y in zip(rows_a, rows_b):
         assert x["meta_loss"] == y["meta_loss"], x["iteration"]
         assert x["step_sizes"] == y["step_sizes"], x["iteration"]
-    assert checkpoint_meta(b / "checkpoint.npz")["iteration"] == N
+    assert checkpoint_meta(b / "checkpoint")["iteration"] == N
 
 
 def test_interrupted_before_first_checkpoint_can_be_continued(tmp_path, monkeypatch):
@@ -255,13 +365,20 @@ def test_interrupted_before_first_checkpoint_can_be_continued(tmp_path, monkeypa
         interrupt_meta_step(m, after_calls=1)  # killed in iteration 2, checkpoint_every=2
         rc, _, err = call_main([*TINY, f"--output_dir={out}"])
     assert rc == 130 and "--resume" in err
-    assert not (out / "checkpoint.npz").exists()
+    assert not has_checkpoint(out / "checkpoint")
     # follow the advice printed on interrupt; failing that, the plain command
     rc_resume, _, err_resume = call_main([*TINY, f"--output_dir={out}", "--resume"])
     if rc_resume != 0:
         rc_plain, _, err_plain = call_main([*TINY, f"--output_dir={out}"])
         assert rc_plain == 0, (err_resume, err_plain)
     assert (out / "results.json").exists()
+
+
+def test_keep_checkpoints(reference_copy):
+    out = reference_copy
+    run_ok([*TINY, "--iterations=10", "--keep_checkpoints=2", f"--output_dir={out}", "--resume"])
+    assert sorted(int(p.name) for p in (out / "checkpoint").iterdir()) == [8, 10]
+    assert checkpoint_meta(out / "checkpoint")["iteration"] == 10
 
 
 # --------------------------------------------------------------------------- divergence
@@ -277,9 +394,9 @@ def test_divergence_keeps_the_last_checkpoint(reference_copy):
     line = assert_one_line_error(rc, err, "meta-loss became", "iteration 6")
     assert "nan" in line or "inf" in line
     after = snapshot(out)
-    for name in ("checkpoint.npz", "distilled.npz", "distilled.png", "results.json"):
-        assert after[name] == before[name], name
-    assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+    for name in ("checkpoint", "distilled.npz", "distilled.png", "results.json"):
+        assert part(after, name) == part(before, name) != {}, name
+    assert checkpoint_meta(out / "checkpoint")["iteration"] == N
     assert set(after) == set(before)  # no temporary files left behind
 
 
@@ -294,13 +411,13 @@ def test_divergence_at_first_iteration(diverged_at_start):
     out, rc, err = diverged_at_start
     line = assert_one_line_error(rc, err, "meta-loss became", "at iteration 1", "--step_size_init")
     assert "nan" in line or "inf" in line
-    for name in ("checkpoint.npz", "distilled.npz", "results.json"):
+    for name in ("checkpoint", "distilled.npz", "results.json"):
         assert not (out / name).exists()
 
 
 def test_divergence_message_does_not_claim_a_missing_checkpoint(diverged_at_start):
     out, rc, err = diverged_at_start
-    assert rc != 0 and not (out / "checkpoint.npz").exists()
+    assert rc != 0 and not has_checkpoint(out / "checkpoint")
     assert "checkpoint (iteration 0) is kept" not in err
 
 
@@ -337,10 +454,111 @@ def test_failed_resume_keeps_the_run_resumable(reference_copy):
                             "--quiet"])
     assert_one_line_error(rc, err, "steps")
     after = snapshot(out)
-    for name in ("config.json", "checkpoint.npz", "distilled.npz", "results.json"):
-        assert after[name] == before[name], name
+    for name in ("config.json", "checkpoint", "distilled.npz", "results.json"):
+        assert part(after, name) == part(before, name) != {}, name
     run_ok(["mnist_fixed_init", f"--output_dir={out}", "--resume", "--quiet"])
-    assert checkpoint_meta(out / "checkpoint.npz")["iteration"] == N
+    assert checkpoint_meta(out / "checkpoint")["iteration"] == N
+
+
+# --------------------------------------------------------------------------- bad files and directories
+
+
+@pytest.mark.parametrize("argv", [TINY, ["linear_analysis", "--quiet"]], ids=["distill", "linear"])
+@pytest.mark.parametrize("where", ["proc", "under_a_file"])
+def test_output_dir_that_cannot_be_written(capsys, tmp_path, argv, where):
+    (tmp_path / "file").write_text("x")
+    out = Path("/proc/dd_jax_no_such_dir/run") if where == "proc" else tmp_path / "file" / "run"
+    rc = cli.main([*argv, f"--output_dir={out}"])
+    assert_one_line_error(rc, capsys.readouterr().err, "cannot write the output directory",
+                          str(out), "--output_dir=DIR")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def _corrupt(checkpoint: Path, how: str) -> None:
+    """Damages the newest step of an orbax checkpoint directory."""
+    [step] = [p for p in checkpoint.iterdir() if p.name.isdigit()]
+    if how == "meta_garbage":
+        (step / "meta" / "metadata").write_text("not json")
+    elif how == "arrays_truncated":
+        for f in (step / "state").rglob("*"):
+            if f.is_file() and f.parent.name == "d":
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "arrays_missing":
+        shutil.rmtree(step / "state")
+    else:  # the step directory left empty
+        shutil.rmtree(step)
+        step.mkdir()
+
+
+@pytest.mark.parametrize("how", ["meta_garbage", "arrays_truncated", "arrays_missing", "empty"])
+def test_corrupted_checkpoint(reference_copy, how):
+    out = reference_copy
+    _corrupt(out / "checkpoint", how)
+    before = snapshot(out)
+    rc, _, err = call_main([*TINY, "--iterations=8", f"--output_dir={out}", "--resume"])
+    assert_one_line_error(rc, err, "checkpoint", "unreadable", "--output_dir=DIR")
+    assert snapshot(out) == before
+
+
+def test_checkpoint_of_an_earlier_version(reference_copy):
+    """A run directory with the single-file checkpoint.npz of dd-jax 0.1.0."""
+    out = reference_copy
+    shutil.rmtree(out / "checkpoint")
+    (out / "checkpoint.npz").write_bytes(b"PK")
+    before = snapshot(out)
+    rc, _, err = call_main([*TINY, "--iterations=8", f"--output_dir={out}", "--resume"])
+    assert_one_line_error(rc, err, "checkpoint.npz", "dd-jax 0.1.0", "--output_dir=DIR")
+    assert snapshot(out) == before
+    rc, _, err = call_main([*TINY, "--iterations=8", f"--output_dir={out}"])
+    assert_one_line_error(rc, err, "already holds a run")
+
+
+def test_checkpoint_of_an_incompatible_config(reference_copy):
+    """A run directory whose config.json no longer matches its checkpoint (here: edited to
+    2 distilled steps): --resume is refused and nothing in the directory changes."""
+    out = reference_copy
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "steps": 2}))
+    before = snapshot(out)
+    rc, _, err = call_main(["mnist_fixed_init", "--iterations=8", f"--output_dir={out}",
+                            "--resume", "--quiet"])
+    assert_one_line_error(rc, err, "written by a different configuration")
+    assert snapshot(out) == before
+
+
+def _other_distilled(reference: Path, tmp_path: Path, how: str) -> Path:
+    """The reference run's distilled.npz made unfit for a digits LeNet in one way."""
+    d = dd_jax.load_distilled(reference / "distilled.npz")
+    model = "lenet"
+    if how == "model":
+        model = "alexcifarnet"
+    elif how == "shape":
+        d = dataclasses.replace(d, images=np.zeros((1, 10, 32, 32, 3), np.float32))
+    elif how == "classes":
+        d = dataclasses.replace(d, labels=d.labels + 10)
+    else:  # a theta_0 of other shapes, no model recorded
+        model = ""
+        init = {**d.init_params, "fc3": {"kernel": np.zeros((84, 5), np.float32),
+                                          "bias": np.zeros(5, np.float32)}}
+        d = dataclasses.replace(d, init_params=init)
+    path = tmp_path / f"{how}.npz"
+    dd_jax.save_distilled(path, d, model=model)
+    return path
+
+
+@pytest.mark.parametrize("how, fragment", [
+    ("model", "was distilled for model 'alexcifarnet'"),
+    ("shape", "holds images of shape (32, 32, 3)"),
+    ("classes", "has labels up to 19"),
+    ("theta0", "do not fit lenet"),
+])
+def test_distilled_of_the_wrong_model(reference, tmp_path, how, fragment):
+    path = _other_distilled(reference[0], tmp_path, how)
+    out = tmp_path / "never"
+    rc, _, err = call_main(["mnist_baselines", *TINY[1:2], "--quiet", f"--distilled={path}",
+                            f"--output_dir={out}"])
+    assert_one_line_error(rc, err, str(path), fragment)
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- bad input
@@ -387,7 +605,7 @@ def test_bad_input_is_a_one_line_error(capsys, tmp_path, args, fragments):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--model=resnet"], ["unknown model 'resnet'", "lenet"]),
-    (["--dataset=no_such_dataset_xyz"], ["'no_such_dataset_xyz'", "download_and_prepare"]),
+    (["--dataset=no_such_dataset_xyz"], ["'no_such_dataset_xyz'", "prepare_data"]),
 ], ids=["model", "tfds-name"])
 def test_bad_model_or_dataset(capsys, tmp_path, args, fragments):
     rc = cli.main(["mnist_fixed_init", *args, f"--data_dir={tmp_path / 'tfds'}",

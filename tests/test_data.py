@@ -254,7 +254,7 @@ def test_unknown_tfds_name_raises_helpful_data_error(no_network, tmp_path):
         pytest.skip("tfds tried to reach the network for an unknown name")
     msg = str(e.value)
     assert "'no_such_dataset_xyz'" in msg  # names the dataset
-    assert "download_and_prepare" in msg and "tensorflow-datasets" in msg  # how to prepare it
+    assert "prepare_data" in msg and "tensorflow-datasets" in msg  # how to prepare it
     assert "'mnist'" in msg and "'digits'" in msg  # and the offline alternatives
 
 

@@ -159,7 +159,7 @@ def test_validation_holdout_chooses_the_best_evaluated_iterate(digits28):
 
 def test_best_on_validation_keeps_the_first_best_and_survives_a_restart(tmp_path):
     scores = iter([0.5, 0.7, 0.6, 0.7, 0.65])
-    path = tmp_path / "best.npz"
+    path = tmp_path / "best"
     best = BestOnValidation(lambda learned: {"mean": next(scores)}, 10, path)
     template = dd_jax.Learned(jnp.zeros((1, 2, 3, 3, 1)), jnp.zeros(3))
     iterate = lambda i: dd_jax.Learned(jnp.full((1, 2, 3, 3, 1), float(i)), jnp.full(3, -float(i)))

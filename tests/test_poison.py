@@ -208,7 +208,7 @@ def test_poisoning_run_through_the_cli(tmp_path):
     out = tmp_path / "poison"
     stdout = run_ok([*TINY_POISON, f"--output_dir={out}"])
     assert "poisoning: class 0 predicted as 1" in stdout
-    assert {"config.json", "metrics.jsonl", "checkpoint.npz", "distilled.npz", "distilled.png",
+    assert {"config.json", "metrics.jsonl", "checkpoint", "distilled.npz", "distilled.png",
             "results.json", "poisoning.png"} <= {p.name for p in out.iterdir()}
     r = json.loads((out / "results.json").read_text())
     assert (r["experiment"], r["poison_class"], r["poison_target"]) == ("mnist_poison", 0, 1)

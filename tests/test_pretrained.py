@@ -365,7 +365,8 @@ def test_svhn_grayscale(monkeypatch):
 
 def test_svhn_not_prepared(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(DataError, match="'svhn_cropped' is not available offline"):
+    with pytest.raises(DataError, match="'svhn_cropped' is not prepared in .*"
+                       "python -m experiments.prepare_data svhn"):
         load_dataset("svhn", str(tmp_path))
 
 
