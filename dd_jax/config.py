@@ -28,6 +28,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.images_per_class = 1
     c.step_size_init = 0.02
     c.remat = False
+    c.learn_labels = False  # learn a label vector per image too (one-hot init, soft-target CE)
+    c.images_per_step = 0  # images per distilled step (0 = images_per_class x classes); with
+    #   hard labels a multiple of the classes, with learn_labels any number (classes in turn)
+    c.inner_optimizer = "gd"  # "gd", "momentum" or "adam" (dd_jax.unroll)
+    c.inner_momentum = 0.9  # momentum's coefficient, Adam's beta1
+    c.inner_lr = 0.0  # > 0: one fixed inner step size for every step, not learned
+    c.window = 0  # > 0: backpropagate through a window of this many steps at a random
+    #   position (the unroll stops at the window's end; dd_jax.unroll); 0 = all T steps
     # outer loop
     c.n_nets = 1
     c.real_batch_size = 1024
