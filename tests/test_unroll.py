@@ -3,6 +3,9 @@ random-window truncated unroll against an explicit stop-gradient implementation 
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ import optax
 import pytest
 
 import dd_jax
-from conftest import (assert_matches_finite_difference, finite_difference_check,
+from conftest import (ROOT, assert_matches_finite_difference, finite_difference_check,
                       make_tiny_convnet, make_tiny_mlp)
 from dd_jax.config import default_config
 from dd_jax.inner import cross_entropy, inner_train
@@ -267,3 +270,34 @@ def test_window_over_300_steps_fits_with_remat(digits28):
                                         loop.regime.pool).compile()
         sizes[epochs] = compiled.memory_analysis().temp_size_in_bytes
     assert sizes[300] < 2 * sizes[30], sizes
+
+
+SHARDED_CHECK = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from test_unroll import _problem
+from dd_jax.meta import meta_loss
+from dd_jax.sharding import make_mesh, sharded_meta_loss
+from dd_jax.unroll import InnerSpec
+jax.config.update("jax_enable_x64", True)
+apply_fn, init_params, learned, hard, real_x, real_y = _problem(seed=5)
+kw = dict(apply_fn=apply_fn, epochs=3, inner=InnerSpec("adam", 0.9, 2), stop=jnp.int32(4))
+one = jax.value_and_grad(meta_loss)(learned, hard, init_params, real_x, real_y, **kw)
+mesh = make_mesh(jax.devices(), 2, 10)
+two = jax.jit(jax.value_and_grad(lambda *a: sharded_meta_loss(mesh)(*a, **kw)))(
+    learned, hard, init_params, real_x, real_y)
+for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-12)
+print("ok", len(jax.devices()))
+"""
+
+
+def test_sharded_window_equals_one_device():
+    """The window's stop reaches every device: 2 simulated devices give the 1-device gradient."""
+    proc = subprocess.run([sys.executable, "-c", SHARDED_CHECK, str(ROOT / "tests")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ok", "2"]
