@@ -164,3 +164,13 @@ def test_unknown_format_version_is_refused(tmp_path):
     np.savez(tmp_path / "v3.npz", format_version=np.int32(3), images=np.zeros(3))
     with pytest.raises(dd_jax.DataError, match="format 1 or 2"):
         dd_jax.load_distilled(tmp_path / "v3.npz")
+
+
+def test_baselines_refuse_learned_labels():
+    from dd_jax.baselines import validate_baselines_config
+    from experiments.configs import mnist_baselines
+
+    config = mnist_baselines()
+    config.learn_labels = True
+    with pytest.raises(dd_jax.ConfigError, match="--learn_labels=True: baselines are hard-label"):
+        validate_baselines_config(config)
