@@ -84,6 +84,11 @@ def validate_baselines_config(config) -> None:
     for name in ("optimised_candidates", "score_holdout", "knn_k"):
         if config[name] < 1:
             raise ConfigError(f"{name} must be >= 1, got {config[name]}")
+    for name, plain in (("learn_labels", False), ("images_per_step", 0), ("inner_optimizer", "gd"),
+                        ("inner_lr", 0.0), ("window", 0)):
+        if config[name] != plain:
+            raise ConfigError(f"--{name}={config[name]}: baselines are hard-label sets in the "
+                              f"images_per_class layout, trained by plain GD; drop --{name}")
 
 
 # --------------------------------------------------------------------------- the sets

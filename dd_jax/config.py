@@ -42,6 +42,12 @@ SECTIONS: Sections = {
         Field("images_per_class", 1, "images of each class in each distilled batch"),
         Field("step_size_init", 0.02, "initial learned step size eta of every inner step (eta = softplus(raw))"),
         Field("remat", False, "recompute the inner steps in the backward pass (sqrt(T) blocks): memory about flat in T, more time"),
+        Field("learn_labels", False, "learn a label vector per distilled image too (one-hot init, soft-target cross-entropy)"),
+        Field("images_per_step", 0, "images per distilled step (0 = images_per_class x classes); with hard labels a multiple of the classes, with learn_labels any number (classes in turn)"),
+        Field("inner_optimizer", "gd", "'gd', 'momentum' or 'adam': the inner loop's optimiser (dd_jax.unroll)"),
+        Field("inner_momentum", 0.9, "momentum's coefficient, Adam's beta1"),
+        Field("inner_lr", 0.0, "> 0: one fixed inner step size for every step, not learned"),
+        Field("window", 0, "> 0: backpropagate through a window of this many steps at a random position (the unroll stops at the window's end; dd_jax.unroll); 0 = all T steps"),
     ),
     "outer loop": (
         Field("n_nets", 1, "initialisations per outer iteration (vmapped)"),

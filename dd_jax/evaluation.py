@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dd_jax.inner import ApplyFn, inner_train
+from dd_jax.unroll import InnerSpec, optimizer_train
 from dd_jax.errors import DataError
 from dd_jax.models import Model, as_model
 from dd_jax.pretrain import Pool, check_pool, load_pool
@@ -29,10 +30,12 @@ class Evaluator:
     test_x (N, H, W, C), test_y (N,) are split into equal chunks of at most `chunk` images (the
     last one padded with label -1, which never counts as correct), the chunks evenly over
     `devices` (default: the first device), each counting its hits (dd_jax.sharding).
+    Networks train by all T steps of plain GD, or of `inner`'s optimiser (its window unused);
+    labels may be hard (S, n) or soft (S, n, K).
     """
 
     def __init__(self, apply_fn: ApplyFn, epochs: int, test_x, test_y, chunk: int = 2000,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, inner: InnerSpec | None = None):
         mesh = eval_mesh(devices or jax.devices()[:1])
         n = len(test_y)
         n_chunks = mesh.size * -(-n // (chunk * mesh.size))
@@ -54,14 +57,19 @@ class Evaluator:
 
         correct = jax.shard_map(count, mesh=mesh, in_specs=(P(), P(TEST), P(TEST)), out_specs=P())
 
+        def train(params, images, labels, step_sizes):
+            if inner is None or inner.optimizer == "gd":
+                return inner_train(apply_fn, params, images, labels, step_sizes, epochs)
+            return optimizer_train(apply_fn, params, images, labels, step_sizes, epochs, inner)
+
         def train_and_count(params, images, labels, step_sizes, x, y):
-            return correct(inner_train(apply_fn, params, images, labels, step_sizes, epochs), x, y)
+            return correct(train(params, images, labels, step_sizes), x, y)
 
         def predict(params, x):
             return jax.lax.map(lambda xc: jnp.argmax(apply_fn(params, xc), -1), x).reshape(-1)
 
         def train_and_predict(params, images, labels, step_sizes, x):
-            return predict(inner_train(apply_fn, params, images, labels, step_sizes, epochs), x)
+            return predict(train(params, images, labels, step_sizes), x)
 
         self._correct = jax.jit(correct)
         self._train_and_count = jax.jit(train_and_count)
@@ -152,13 +160,15 @@ def evaluation_setup(
     devices: int = 1,
 ) -> tuple[Evaluator, Params, tuple[jax.Array, jax.Array, jax.Array]]:
     """What testing `distilled` needs: an Evaluator on dataset's test set split over `devices`,
-    the theta_0 batch (init_params, or `default_eval_inits`) and (images, labels, step_sizes)."""
+    the theta_0 batch (init_params, or `default_eval_inits`) and (images, labels, step_sizes),
+    the labels being what the networks train on (`DistilledData.train_labels`: soft if learned);
+    the evaluator trains with the data's inner optimiser."""
     model = as_model(model_fn)
     if init_params is None:
         init_params = default_eval_inits(distilled, dataset, model, n_nets)
     evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y,
-                          devices=select_devices(devices))
-    trained_on = (jnp.asarray(distilled.images), jnp.asarray(distilled.labels),
+                          devices=select_devices(devices), inner=distilled.inner)
+    trained_on = (jnp.asarray(distilled.images), jnp.asarray(distilled.train_labels),
                   jnp.asarray(distilled.step_sizes))
     return evaluator, init_params, trained_on
 

@@ -2,7 +2,8 @@
 
 Step t trains on distilled batch ``t mod steps`` with its own step size eta_t:
 ``theta_t = theta_{t-1} - eta_t * grad_theta loss(apply(theta_{t-1}, x_{t mod S}), y_{t mod S})``,
-the loss being cross-entropy unless a ``loss_fn(outputs, targets) -> scalar`` is given.
+the loss being cross-entropy unless a ``loss_fn(outputs, targets) -> scalar`` is given. The
+labels are hard (S, n) class indices, or learned (S, n, K) label vectors (soft targets).
 """
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy; logits (N, K), integer labels (N,)."""
+    """Mean softmax cross-entropy; logits (N, K), integer labels (N,) or real-valued label
+    vectors (N, K): then sum_c y_c * CE(logits, c) = -sum_c y_c log softmax(logits)_c per
+    image, the vectors taken as they are (not normalised, any sign)."""
+    if labels.ndim == logits.ndim:
+        return optax.softmax_cross_entropy(logits, labels).mean()
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -33,8 +38,9 @@ def gd_step(
 
 
 def unroll_schedule(images: jax.Array, labels: jax.Array, epochs: int) -> tuple[jax.Array, jax.Array]:
-    """(S, n, H, W, C), (S, n) -> the T = S*epochs batches in training order."""
-    return jnp.tile(images, (epochs,) + (1,) * (images.ndim - 1)), jnp.tile(labels, (epochs, 1))
+    """(S, n, H, W, C), (S, n) or (S, n, K) -> the T = S*epochs batches in training order."""
+    tile = lambda a: jnp.tile(a, (epochs,) + (1,) * (a.ndim - 1))
+    return tile(images), tile(labels)
 
 
 def checkpointed_scan(step: Callable, carry: Any, xs: jax.Array) -> Any:
@@ -65,7 +71,7 @@ def inner_train(
 ) -> Params:
     """Trains from `params` on the distilled data; returns theta_T.
 
-    images (S, n, H, W, C), labels (S, n), step_sizes (S*epochs,). With ``remat`` the steps
+    images (S, n, H, W, C), labels (S, n) or (S, n, K), step_sizes (S*epochs,). With ``remat`` the steps
     are recomputed in the backward pass (`checkpointed_scan`, step t indexing batch t mod S),
     so reverse-mode memory grows with sqrt(T) parameter sets, not with T steps' activations.
     """

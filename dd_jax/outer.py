@@ -29,9 +29,10 @@ from dd_jax.meta import Learned, distilled_labels, init_learned, meta_loss
 from dd_jax.models import Model, as_model
 from dd_jax.pretrain import Pool, pool_for_config, pool_path, pool_record
 from dd_jax.regimes import (DATA_STREAM, IMAGES_STREAM, PRETRAINED_REGIMES, VAL_STREAM,
-                            InitRegime, check_regime, make_regime)
+                            WINDOW_STREAM, InitRegime, check_regime, make_regime)
 from dd_jax.sharding import make_mesh, replicate, select_devices, sharded_meta_loss
 from dd_jax.poison import check_poison, poison_labels
+from dd_jax.unroll import INNER_OPTIMIZERS, InnerSpec, window_stop
 
 Params = Any
 CHECKPOINT = "checkpoint"  # dd_jax.checkpoint directories
@@ -46,6 +47,9 @@ class DistilledData:
 
     images (S, n, H, W, C) normalised; labels (S, n); step_sizes (T,); init_params is theta_0
     for the fixed regimes (None for random: draw from init_dist/init_gain, held-out via seed).
+    soft_labels (S, n, K), when labels were learned, are what the network trains on (soft
+    targets; `train_labels`); labels then hold their argmax. inner_optimizer and
+    inner_momentum say how the T steps update theta (dd_jax.unroll; 'gd': plain GD).
     pool, for the pretrained regimes, records the pool it was made for (pretrain.pool_record:
     path, fingerprint, dataset, pool_size, eval_nets). selected, for a run with a validation
     holdout (config.val_size), says which outer iteration this is and why: {'iteration',
@@ -65,10 +69,24 @@ class DistilledData:
     init_params: Params | None = None
     pool: dict | None = None
     selected: dict | None = None
+    soft_labels: np.ndarray | None = None
+    inner_optimizer: str = "gd"
+    inner_momentum: float = 0.9
 
     @property
     def steps(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """What the network trains on: soft_labels (S, n, K) if learned, else labels (S, n)."""
+        return self.labels if self.soft_labels is None else self.soft_labels
+
+    @property
+    def inner(self) -> InnerSpec | None:
+        """The inner optimiser (None: plain GD, `inner.inner_train`)."""
+        return None if self.inner_optimizer == "gd" else InnerSpec(self.inner_optimizer,
+                                                                     self.inner_momentum)
 
 
 @flax.struct.dataclass
@@ -98,6 +116,7 @@ def validate_config(config) -> None:
     if config.iterations < 0:
         raise ConfigError(f"iterations must be >= 0 (0: passes x batches per pass), got {config.iterations}")
     check_regime(config.init_regime, config.n_nets, config.init_dist)
+    check_unroll(config)
     if config.init_regime == "random_pretrained":
         for name in ("n_eval_nets", "n_eval_nets_during"):
             if getattr(config, name) > config.pool_eval_nets:
@@ -107,6 +126,43 @@ def validate_config(config) -> None:
                 )
     if config.init_regime in PRETRAINED_REGIMES:
         pool_path(config)  # raises if the run names no pool
+
+
+def check_unroll(config) -> None:
+    """Raises ConfigError for an impossible inner optimiser, inner_momentum, inner_lr, window
+    or images_per_step (its fit to the dataset's classes: `check_layout`)."""
+    if config.inner_optimizer not in INNER_OPTIMIZERS:
+        raise ConfigError(f"unknown inner_optimizer {config.inner_optimizer!r}; choose one of: "
+                          f"{', '.join(INNER_OPTIMIZERS)}")
+    if not 0 <= config.inner_momentum < 1:
+        raise ConfigError(f"inner_momentum must be in [0, 1), got {config.inner_momentum}")
+    if config.inner_lr < 0:
+        raise ConfigError(f"inner_lr must be >= 0 (0: learned step sizes), got {config.inner_lr}")
+    total = config.steps * config.epochs
+    if not 0 <= config.window <= total:
+        raise ConfigError(f"window={config.window} must be between 0 (all steps) and the "
+                          f"T = steps x epochs = {total} inner steps; lower --window or raise --epochs")
+    if config.images_per_step < 0:
+        raise ConfigError(f"images_per_step must be >= 0 (0: images_per_class x classes), got "
+                          f"{config.images_per_step}")
+
+
+def check_layout(config, num_classes: int) -> None:
+    """Raises ConfigError if hard labels cannot give every class the same number of the
+    images_per_step images of a step."""
+    if config.images_per_step % num_classes and not config.learn_labels:
+        raise ConfigError(
+            f"images_per_step={config.images_per_step} is not a multiple of the {num_classes} "
+            f"classes, so hard labels cannot cover them evenly; use a multiple of {num_classes} "
+            "or --learn_labels=true")
+
+
+def inner_spec(config) -> InnerSpec | None:
+    """The meta-objective's inner loop: None for plain GD through all T steps (`inner_train`),
+    else the `InnerSpec` of config.inner_optimizer, inner_momentum and window."""
+    if config.inner_optimizer == "gd" and config.window == 0:
+        return None
+    return InnerSpec(config.inner_optimizer, config.inner_momentum, config.window)
 
 
 def run_length(config, iters_per_pass: int) -> int:
@@ -143,19 +199,31 @@ def make_optimizer(config, iters_per_pass: int) -> optax.GradientTransformation:
 
 def make_meta_step(
     model: Model, regime: InitRegime, labels: jax.Array, optimizer: optax.GradientTransformation,
-    epochs: int, remat: bool, mesh: Mesh | None = None,
+    epochs: int, remat: bool, mesh: Mesh | None = None, inner: InnerSpec | None = None,
+    window_key: jax.Array | None = None, learn_rates: bool = True,
 ) -> Callable:
     """Jitted (state, train_x, train_y, batch_idx, pool) -> (state, meta-loss); pool is
     regime.pool (an argument, not a compiled-in constant). With a ('nets', 'batch') `mesh`
-    (dd_jax.sharding), the meta-loss and its gradient are split over it."""
+    (dd_jax.sharding), the meta-loss and its gradient are split over it.
+
+    inner: the inner loop (`meta_loss`; None = plain GD); with inner.window > 0 each iteration
+    stops its unroll at `unroll.window_stop(window_key, iteration, ...)`. learn_rates False
+    zeroes the step sizes' gradient, so Adam leaves them exactly as they are.
+    """
     loss_fn = meta_loss if mesh is None else sharded_meta_loss(mesh)
+    total = labels.shape[0] * epochs
 
     def step(state: DistillState, train_x, train_y, batch_idx, pool):
         init_params = regime.train_inits(state.iteration, pool)
+        unroll = {} if inner is None else {"inner": inner}
+        if inner is not None and inner.window:
+            unroll["stop"] = window_stop(window_key, state.iteration, inner.window, total)
         loss, grads = jax.value_and_grad(loss_fn)(
             state.learned, labels, init_params, train_x[batch_idx], train_y[batch_idx],
-            apply_fn=model.apply, epochs=epochs, remat=remat,
+            apply_fn=model.apply, epochs=epochs, remat=remat, **unroll,
         )
+        if not learn_rates:
+            grads = grads.replace(raw_step_sizes=jnp.zeros_like(grads.raw_step_sizes))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.learned)
         learned = optax.apply_updates(state.learned, updates)
         return DistillState(learned, opt_state, state.iteration + 1), loss
@@ -188,6 +256,8 @@ class OuterLoop:
     train_y holds the meta-objective's targets: the real labels, poisoned if configured. With
     config.val_size, (val_x, val_y) are that many training images held out of train_x: the
     meta-objective never sees them, `BestOnValidation` chooses the reported iterate with them.
+    labels (S, n) are the hard labels (with learned labels: their initial classes); inner the
+    meta-objective's inner loop (None: plain GD).
     """
 
     model: Model
@@ -204,6 +274,7 @@ class OuterLoop:
     mesh: Mesh | None = None
     val_x: np.ndarray | None = None
     val_y: np.ndarray | None = None
+    inner: InnerSpec | None = None
 
     def step(self, state: DistillState, iteration: int) -> tuple[DistillState, jax.Array]:
         """One outer iteration on the real batch that `iteration` draws."""
@@ -213,12 +284,15 @@ class OuterLoop:
     def accuracy_on(self, x: np.ndarray, y: np.ndarray, n_nets: int) -> Callable[[Learned], dict]:
         """learned -> `summarise`d accuracy on (x (N, H, W, C), y (N,)) of networks trained on
         it from the regime's evaluation inits: theta_0 in the fixed regimes, else `n_nets`
-        held-out ones. Compiled once, on the meta-step's devices."""
+        held-out ones, by all T steps of the inner optimiser. Compiled once, on the
+        meta-step's devices."""
         evaluator = Evaluator(self.model.apply, self.epochs, x, y,
-                              devices=None if self.mesh is None else self.mesh.devices.ravel().tolist())
+                              devices=None if self.mesh is None else self.mesh.devices.ravel().tolist(),
+                              inner=self.inner)
         inits = self.regime.eval_inits(1 if self.regime.fixed_params is not None else n_nets)
-        return lambda learned: summarise(
-            evaluator(inits, learned.images, self.labels, learned.step_sizes))
+        return lambda learned: summarise(evaluator(
+            inits, learned.images, self.labels if learned.labels is None else learned.labels,
+            learned.step_sizes))
 
     def best_on_validation(self, n_nets: int, path: Path | None = None) -> BestOnValidation | None:
         """The `BestOnValidation` of this run's holdout (None without one), scoring with
@@ -283,10 +357,13 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
         dist=config.init_dist, gain=config.init_gain, pool=None if pool is None else pool.params,
         pool_eval_nets=config.pool_eval_nets,
     )
-    labels = distilled_labels(config.steps, config.images_per_class, dataset.num_classes)
+    check_layout(config, dataset.num_classes)
+    labels = distilled_labels(config.steps, config.images_per_class, dataset.num_classes,
+                              config.images_per_step)
     learned = init_learned(
         jax.random.fold_in(key, IMAGES_STREAM), labels, dataset.image_shape, config.epochs,
-        config.step_size_init,
+        config.inner_lr or config.step_size_init,
+        dataset.num_classes if config.learn_labels else 0,
     )
     batches = BatchOrder(jax.random.fold_in(key, DATA_STREAM), len(train_y), config.real_batch_size)
     optimizer = make_optimizer(config, batches.per_pass)
@@ -297,12 +374,15 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
         state, train_x, train_y = replicate((state, train_x, train_y), mesh)
         if regime.pool is not None:
             regime = dataclasses.replace(regime, pool=replicate(regime.pool, mesh))
+    inner = inner_spec(config)
     return OuterLoop(
         model=model, regime=regime, labels=labels, batches=batches,
         total=run_length(config, batches.per_pass), state=state,
-        meta_step=make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat, mesh),
+        meta_step=make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat,
+                                 mesh, inner, jax.random.fold_in(key, WINDOW_STREAM),
+                                 learn_rates=not config.inner_lr),
         train_x=train_x, train_y=train_y, pool=pool, mesh=mesh, epochs=config.epochs,
-        val_x=val_x, val_y=val_y,
+        val_x=val_x, val_y=val_y, inner=inner,
     )
 
 
@@ -382,8 +462,10 @@ def distill(
                 bar.set_postfix(postfix, refresh=False)
             bar.update(1)
     learned = state.learned if best is None else best.learned
+    soft = None if learned.labels is None else np.asarray(learned.labels)
     return DistilledData(
-        images=np.asarray(learned.images), labels=np.asarray(labels),
+        images=np.asarray(learned.images),
+        labels=np.asarray(labels) if soft is None else soft.argmax(-1).astype(np.int32),
         step_sizes=np.asarray(learned.step_sizes), epochs=config.epochs,
         mean=tuple(dataset.mean), std=tuple(dataset.std), init_regime=config.init_regime,
         init_dist=config.init_dist, init_gain=config.init_gain, seed=config.seed,
@@ -392,6 +474,8 @@ def distill(
         pool=None if loop.pool is None else pool_record(
             loop.pool, config.pool_eval_nets if config.init_regime == "random_pretrained" else 0),
         selected=None if best is None else best.selected,
+        soft_labels=soft, inner_optimizer=config.inner_optimizer,
+        inner_momentum=config.inner_momentum,
     )
 
 

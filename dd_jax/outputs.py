@@ -1,6 +1,8 @@
 """Stage 8 - outputs: the distilled data as a portable .npz, image grids, metrics, JSON.
 
-The .npz format (version 1) is documented in README.md ("The distilled-data file").
+The .npz format is documented in README.md ("The distilled-data file"): version 1 holds hard
+labels and plain-GD data; version 2 adds learned label vectors (`soft_labels`) and the inner
+optimiser. A file needing neither is written as version 1; both versions load.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np
 from dd_jax.errors import DataError
 from dd_jax.outer import DistilledData
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written; FORMAT_VERSIONS are read
+FORMAT_VERSIONS = (1, 2)
 
 
 def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
@@ -42,10 +45,14 @@ def _unflatten(flat: dict[str, np.ndarray], prefix: str) -> dict | None:
 
 
 def save_distilled(path: str | Path, d: DistilledData, model: str = "") -> None:
-    """Writes `d` as an .npz (atomically); init_params, if any, as 'init/<layer>/<name>'."""
+    """Writes `d` as an .npz (atomically); init_params, if any, as 'init/<layer>/<name>'.
+    Version 2 (with 'soft_labels' (S, n, K) float32 if learned, 'inner_optimizer',
+    'inner_momentum') when the data has learned labels or an inner optimiser other than plain
+    GD, else version 1."""
     path = Path(path)
+    v2 = d.soft_labels is not None or d.inner_optimizer != "gd"
     arrays = {
-        "format_version": np.int32(FORMAT_VERSION),
+        "format_version": np.int32(FORMAT_VERSION if v2 else 1),
         "images": np.asarray(d.images, np.float32),
         "labels": np.asarray(d.labels, np.int32),
         "step_sizes": np.asarray(d.step_sizes, np.float32),
@@ -65,20 +72,26 @@ def save_distilled(path: str | Path, d: DistilledData, model: str = "") -> None:
         arrays["pool"] = np.array(json.dumps(d.pool, sort_keys=True))
     if d.selected is not None:
         arrays["selected"] = np.array(json.dumps(d.selected, sort_keys=True))
+    if v2:
+        arrays["inner_optimizer"] = np.array(d.inner_optimizer)
+        arrays["inner_momentum"] = np.float32(d.inner_momentum)
+    if d.soft_labels is not None:
+        arrays["soft_labels"] = np.asarray(d.soft_labels, np.float32)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
 def load_distilled(path: str | Path) -> DistilledData:
-    """Reads an .npz written by `save_distilled`."""
+    """Reads an .npz written by `save_distilled` (format version 1 or 2)."""
     try:
         with np.load(path) as f:
             flat = {k: f[k] for k in f.files}
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read distilled data from {path}: {e}") from None
-    if int(flat.get("format_version", -1)) != FORMAT_VERSION:
-        raise DataError(f"{path} is not a dd_jax distilled-data file (format {FORMAT_VERSION})")
+    if int(flat.get("format_version", -1)) not in FORMAT_VERSIONS:
+        raise DataError(f"{path} is not a dd_jax distilled-data file (format "
+                        f"{' or '.join(map(str, FORMAT_VERSIONS))})")
     return DistilledData(
         images=flat["images"], labels=flat["labels"], step_sizes=flat["step_sizes"],
         epochs=int(flat["epochs"]), mean=tuple(flat["mean"].tolist()),
@@ -87,6 +100,9 @@ def load_distilled(path: str | Path) -> DistilledData:
         seed=int(flat["seed"]), init_params=_unflatten(flat, "init/"),
         pool=json.loads(str(flat["pool"])) if "pool" in flat else None,
         selected=json.loads(str(flat["selected"])) if "selected" in flat else None,
+        soft_labels=flat.get("soft_labels"),
+        inner_optimizer=str(flat.get("inner_optimizer", "gd")),
+        inner_momentum=float(flat.get("inner_momentum", 0.9)),
     )
 
 
@@ -121,7 +137,8 @@ def saved_figure(path: str | Path, *, dpi: int, pad: float = 1.08, **subplots) -
 
 
 def save_image_grid(path: str | Path, d: DistilledData, class_names: list[str] | None = None) -> None:
-    """PNG: one row per distilled step (its step sizes in the row title), one column per image."""
+    """PNG: one row per distilled step (its step sizes in the row title), one column per image,
+    titled with its label (learned labels: the largest entry's class and value)."""
     steps, n = d.labels.shape
     pixels = np.clip(np.asarray(d.images) * np.asarray(d.std) + np.asarray(d.mean), 0, 1)
     size = (n * 0.9 + 1.3, steps * 1.05 + 0.1)
@@ -135,7 +152,10 @@ def save_image_grid(path: str | Path, d: DistilledData, class_names: list[str] |
                 ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
                 ax.set_xticks([]), ax.set_yticks([])
                 label = int(d.labels[s, j])
-                ax.set_title(class_names[label] if class_names else str(label), fontsize=7, pad=2)
+                title = class_names[label] if class_names else str(label)
+                if d.soft_labels is not None:
+                    title += f" ({d.soft_labels[s, j, label]:.2f})"
+                ax.set_title(title, fontsize=7, pad=2)
             axes[s, 0].set_ylabel(f"step {s}\nlr {etas}".replace(", ", ",\n"), fontsize=6,
                                   rotation=0, ha="right", va="center")
 

@@ -30,7 +30,8 @@ Params = Any
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 # Streams of the run's root key: what is drawn from one never reappears in another.
-TRAIN_STREAM, EVAL_STREAM, DATA_STREAM, FIXED_STREAM, IMAGES_STREAM, VAL_STREAM = range(6)
+(TRAIN_STREAM, EVAL_STREAM, DATA_STREAM, FIXED_STREAM, IMAGES_STREAM, VAL_STREAM,
+ WINDOW_STREAM) = range(7)
 PRETRAINED_REGIMES = ("fixed_pretrained", "random_pretrained")
 INIT_REGIMES = ("fixed", "random", *PRETRAINED_REGIMES)
 

@@ -78,14 +78,22 @@ def replicate(tree, mesh: Mesh):
 
 def sharded_meta_loss(mesh: Mesh) -> Callable[..., jax.Array]:
     """`meta_loss` with the same signature, computed on the ('nets', 'batch') `mesh`:
-    init_params' leading axis split over 'nets', real_x / real_y over 'batch'."""
+    init_params' leading axis split over 'nets', real_x / real_y over 'batch' (a truncated
+    unroll's `stop` replicated)."""
 
-    def loss(learned, labels, init_params, real_x, real_y, *, apply_fn, epochs, remat=False):
-        local = functools.partial(meta_loss, apply_fn=apply_fn, epochs=epochs, remat=remat)
-        return jax.shard_map(
-            lambda *args: jax.lax.pmean(local(*args), (NETS, BATCH)),
-            mesh=mesh, in_specs=(P(), P(), P(NETS), P(BATCH), P(BATCH)), out_specs=P(),
-        )(learned, labels, init_params, real_x, real_y)
+    def loss(learned, labels, init_params, real_x, real_y, *, apply_fn, epochs, remat=False,
+             inner=None, stop=None):
+        local = functools.partial(meta_loss, apply_fn=apply_fn, epochs=epochs, remat=remat,
+                                  inner=inner)
+        if stop is None:
+            return jax.shard_map(
+                lambda *args: jax.lax.pmean(local(*args), (NETS, BATCH)),
+                mesh=mesh, in_specs=(P(), P(), P(NETS), P(BATCH), P(BATCH)), out_specs=P(),
+            )(learned, labels, init_params, real_x, real_y)
+        return jax.shard_map(  # the window's stop: the same on every device
+            lambda *args: jax.lax.pmean(local(*args[:5], stop=args[5]), (NETS, BATCH)),
+            mesh=mesh, in_specs=(P(), P(), P(NETS), P(BATCH), P(BATCH), P()), out_specs=P(),
+        )(learned, labels, init_params, real_x, real_y, stop)
 
     return loss
 

@@ -79,6 +79,55 @@ def mnist_random_init() -> ml_collections.ConfigDict:
     return c
 
 
+# --- beyond the paper: learned labels and truncated unrolls ---------------------------------
+
+
+def mnist_soft_labels() -> ml_collections.ConfigDict:
+    """mnist_fixed_init_b256 with learned labels: 10 images, fixed init, a label vector per
+    image learned with them (soft-label paper: over 96%)."""
+    c = mnist_fixed_init_b256()
+    c.learn_labels = True
+    return c
+
+
+def mnist_soft_labels_5() -> ml_collections.ConfigDict:
+    """mnist_soft_labels with 5 images for the 10 classes (one-hot of classes 0-4 to start;
+    soft-label paper: almost 92%)."""
+    c = mnist_soft_labels()
+    c.images_per_step = 5
+    return c
+
+
+def mnist_random_init_soft() -> ml_collections.ConfigDict:
+    """mnist_random_init with learned labels: 100 images (S=10, E=3), random Xavier inits."""
+    c = mnist_random_init()
+    c.learn_labels = True
+    return c
+
+
+def mnist_truncated() -> ml_collections.ConfigDict:
+    """10 images (1 per class), random inits, learned labels, a 200-step unroll (S=1, E=200)
+    differentiated through a random window of 60 steps (Feng et al. 2024), learned step sizes.
+
+    One net per iteration, as Feng et al.; the 60-step window's tape fits without remat
+    (--remat=true for longer windows)."""
+    c = mnist_random_init_soft()
+    c.steps = 1
+    c.epochs = 200
+    c.window = 60
+    c.n_nets = 1
+    return c
+
+
+def mnist_truncated_10() -> ml_collections.ConfigDict:
+    """mnist_truncated with 10 images per class: 100 images as S=10 steps of one per class,
+    E=20 (T=200), window 60."""
+    c = mnist_truncated()
+    c.steps = 10
+    c.epochs = 20
+    return c
+
+
 # --- baselines (dd_jax/baselines.py): the paper's Table 1 baseline rows
 def mnist_baselines() -> ml_collections.ConfigDict:
     """Table 1 baselines, 100 real MNIST images (S=10, E=3), mnist_fixed_init_100's theta_0."""
@@ -235,7 +284,9 @@ def cifar10_poison() -> ml_collections.ConfigDict:
 
 EXPERIMENTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     f.__name__: f for f in (mnist_fixed_init, mnist_fixed_init_paper, mnist_fixed_init_b256, mnist_fixed_init_long,
-                            mnist_fixed_init_100, mnist_random_init, mnist_baselines,
+                            mnist_fixed_init_100, mnist_random_init, mnist_soft_labels,
+                            mnist_soft_labels_5, mnist_random_init_soft, mnist_truncated,
+                            mnist_truncated_10, mnist_baselines,
                             mnist_baselines_random,
                             linear_analysis, *PRETRAINED_EXPERIMENTS,
                             cifar10_fixed_init, cifar10_random_init, mnist_poison, cifar10_pool,

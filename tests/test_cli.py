@@ -359,6 +359,43 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
     assert checkpoint_meta(b / "checkpoint")["iteration"] == N
 
 
+# learned labels (5 images for the 10 classes), momentum, a random 2-step window of T = 4
+BEYOND = [*TINY, "--learn_labels=true", "--images_per_step=5", "--epochs=4", "--window=2",
+          "--inner_optimizer=momentum"]
+
+
+@pytest.fixture(scope="module")
+def reference_beyond(tmp_path_factory) -> Path:
+    """The BEYOND run, uninterrupted."""
+    out = tmp_path_factory.mktemp("cli") / "A_beyond"
+    run_ok([*BEYOND, f"--output_dir={out}"])
+    return out
+
+
+@pytest.mark.parametrize("how", ["killed", "shorter_run"])
+def test_resume_with_learned_labels_and_windows_equals_uninterrupted(reference_beyond, tmp_path,
+                                                                     monkeypatch, how):
+    a, b = reference_beyond, tmp_path / "B"
+    if how == "killed":
+        with monkeypatch.context() as m:
+            _interrupt_meta_step(m, after_calls=5)
+            rc, _, _ = call_main([*BEYOND, f"--output_dir={b}"])
+        assert rc == 130 and checkpoint_meta(b / "checkpoint.npz")["iteration"] == 4
+        run_ok([BEYOND[0], f"--output_dir={b}", "--resume", "--quiet"])
+    else:
+        run_ok([*BEYOND, "--iterations=3", f"--output_dir={b}"])
+        run_ok([*BEYOND, f"--output_dir={b}", "--resume"])
+    da, db = distilled_arrays(a), distilled_arrays(b)
+    assert int(da["format_version"]) == 2 and da["soft_labels"].shape == (1, 5, 10)
+    assert set(da) == set(db)
+    for k in da:
+        np.testing.assert_array_equal(db[k], da[k], err_msg=k)
+    assert [(r["meta_loss"], r["step_sizes"]) for r in metrics(b)] == \
+        [(r["meta_loss"], r["step_sizes"]) for r in metrics(a)]
+    ra = json.loads((a / "results.json").read_text())
+    assert json.loads((b / "results.json").read_text())["test_accs"] == ra["test_accs"]
+
+
 def test_interrupted_before_first_checkpoint_can_be_continued(tmp_path, monkeypatch):
     out = tmp_path / "early"
     with monkeypatch.context() as m:
