@@ -15,9 +15,10 @@ import pytest
 
 import dd_jax
 import dd_jax.outer
-from conftest import MNIST_GZ, ROOT, corrupt_mnist_file
+from conftest import MNIST_GZ, ROOT, corrupt_mnist_file, make_tiny_convnet
 from dd_jax import data
 from dd_jax.checkpoint import checkpoint_meta
+from dd_jax.config import default_config
 from dd_jax.models import get_model
 from experiments import run as cli
 from experiments.configs import EXPERIMENTS
@@ -268,19 +269,64 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
     assert checkpoint_meta(b / "checkpoint.npz")["iteration"] == N
 
 
-def test_interrupted_before_first_checkpoint_can_be_continued(tmp_path, monkeypatch):
+def test_random_regime_kill_and_resume_equals_uninterrupted(digits8, tmp_path, monkeypatch):
+    """The random regime draws fresh initialisations every iteration, from the iteration number
+    (the fixed regime's theta_0 ignores it): killed after its checkpoint at iteration 4 and
+    resumed, the run draws what the uninterrupted run drew and ends in the same state, bitwise."""
+    dataset = digits8.subset(200, 50)
+    config = default_config()
+    config.update(dict(init_regime="random", n_nets=2, steps=2, epochs=2, real_batch_size=16,
+                       iterations=N, checkpoint_every=2, log_every=1, eval_every=3,
+                       n_eval_nets_during=2))
+    run = lambda name, rows, **kw: dd_jax.distill(dataset, make_tiny_convnet(), config,
+                                                 workdir=tmp_path / name, progress=False,
+                                                 log=rows.append, **kw)
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    rows_a, rows_b = [], []
+    a = run("A", rows_a)
+    with monkeypatch.context() as m:
+        _interrupt_meta_step(m, after_calls=5)  # iterations 1-5 done, killed in 6
+        with pytest.raises(KeyboardInterrupt):
+            run("B", rows_b)
+    assert checkpoint_meta(tmp_path / "B" / "checkpoint.npz")["iteration"] == 4
+    rows_b = [r for r in rows_b if r["iteration"] <= 4]  # what --resume keeps of metrics.jsonl
+    b = run("B", rows_b, resume=True)
+
+    assert [r["iteration"] for r in rows_b] == [r["iteration"] for r in rows_a] == list(range(1, N + 1))
+    assert [r["meta_loss"] for r in rows_b] == [r["meta_loss"] for r in rows_a]
+    assert [r.get("test_acc") for r in rows_b] == [r.get("test_acc") for r in rows_a]
+    np.testing.assert_array_equal(b.images, a.images)
+    np.testing.assert_array_equal(b.step_sizes, a.step_sizes)
+    with np.load(tmp_path / "A" / "checkpoint.npz") as fa, \
+            np.load(tmp_path / "B" / "checkpoint.npz") as fb:  # Adam's state and the iteration too
+        assert set(fa.files) == set(fb.files)
+        for k in fa.files:
+            if k != "meta":
+                np.testing.assert_array_equal(fb[k], fa[k], err_msg=k)
+    assert checkpoint_meta(tmp_path / "B" / "checkpoint.npz")["iteration"] == N
+
+
+@pytest.mark.parametrize("how", ["resume", "plain"])
+def test_interrupted_before_first_checkpoint_starts_afresh(reference, tmp_path, monkeypatch, how):
+    """Killed before its first checkpoint, a run holds nothing worth keeping: the advice printed
+    (--resume) and the plain command both start it afresh and give the uninterrupted run."""
     out = tmp_path / "early"
     with monkeypatch.context() as m:
         _interrupt_meta_step(m, after_calls=1)  # killed in iteration 2, checkpoint_every=2
         rc, _, err = call_main([*TINY, f"--output_dir={out}"])
     assert rc == 130 and "--resume" in err
     assert not (out / "checkpoint.npz").exists()
-    # follow the advice printed on interrupt; failing that, the plain command
-    rc_resume, _, err_resume = call_main([*TINY, f"--output_dir={out}", "--resume"])
-    if rc_resume != 0:
-        rc_plain, _, err_plain = call_main([*TINY, f"--output_dir={out}"])
-        assert rc_plain == 0, (err_resume, err_plain)
-    assert (out / "results.json").exists()
+    assert [r["iteration"] for r in metrics(out)] == [1]
+    run_ok([*TINY, f"--output_dir={out}", *(["--resume"] if how == "resume" else [])])
+
+    a, _ = reference
+    assert [r["iteration"] for r in metrics(out)] == list(range(1, N + 1))  # row 1 once
+    assert [r["meta_loss"] for r in metrics(out)] == [r["meta_loss"] for r in metrics(a)]
+    da, db = distilled_arrays(a), distilled_arrays(out)
+    assert set(da) == set(db)
+    for k in da:
+        np.testing.assert_array_equal(db[k], da[k], err_msg=k)
 
 
 # --------------------------------------------------------------------------- divergence
@@ -317,10 +363,12 @@ def test_divergence_at_first_iteration(diverged_at_start):
         assert not (out / name).exists()
 
 
-def test_divergence_message_does_not_claim_a_missing_checkpoint(diverged_at_start):
+def test_divergence_message_says_no_checkpoint_was_saved(diverged_at_start):
     out, rc, err = diverged_at_start
-    assert rc != 0 and not (out / "checkpoint.npz").exists()
-    assert "checkpoint (iteration 0) is kept" not in err
+    line = assert_one_line_error(rc, err, "meta-loss became", "at iteration 1; no checkpoint had been saved.",
+                                 "Lower --outer_lr (now 0.01) or --step_size_init (now 1e+30) and start again.")
+    assert "is kept" not in line
+    assert not (out / "checkpoint.npz").exists()
 
 
 # --------------------------------------------------------------------------- output directories
