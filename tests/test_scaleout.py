@@ -299,17 +299,45 @@ def test_time_to_accuracy_reports_the_holdout_choice(digits28, tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
-def test_sensitivity_perturbs_only_the_images(digits28):
+def test_sensitivity_perturbs_only_the_images(digits28, monkeypatch):
+    """Every network the benchmark trains starts from theta_0 with the data's own labels and
+    step sizes; the images are the data's own for scale 0, and moved by noise of that std for
+    the others (a fresh draw each time)."""
     import dd_jax
-    from benchmarks.sensitivity import perturbed_accuracies
-    from dd_jax.evaluation import Evaluator
+    import benchmarks.sensitivity as sensitivity
+    from dd_jax.evaluation import evaluation_setup
 
-    model = make_tiny_convnet()
-    d = dd_jax.distill(digits28, model, _tiny(iterations=3), progress=False)
-    accs = perturbed_accuracies(d, digits28, as_model(model), [0.5], draws=3)
-    evaluator = Evaluator(as_model(model).apply, d.epochs, digits28.test_x, digits28.test_y)
-    init = jax.tree.map(lambda a: jnp.asarray(a)[None], d.init_params)
-    base = float(evaluator(init, jnp.asarray(d.images), jnp.asarray(d.labels),
-                           jnp.asarray(d.step_sizes))[0])
-    assert list(accs) == [0.0, 0.5] and accs[0.0] == [base]  # first: the data as it is
-    assert len(accs[0.5]) == 3 and all(0 <= a <= 1 for a in accs[0.5])
+    model = as_model(make_tiny_convnet())
+    rng = np.random.default_rng(0)
+    init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    d = dd_jax.DistilledData(
+        images=rng.normal(size=(1, 10, 28, 28, 1)).astype(np.float32),
+        labels=np.arange(10, dtype=np.int32)[None], step_sizes=np.array([0.3, 0.2], np.float32),
+        epochs=2, mean=digits28.mean, std=digits28.std, init_regime="fixed",
+        init_dist="xavier_normal", init_gain=1.0, seed=0, init_params=init)
+    calls = []
+
+    def spied_setup(*args, **kwargs):
+        evaluator, inits, trained_on = evaluation_setup(*args, **kwargs)
+
+        def spy(inits_, images, labels, steps):
+            calls.append(jax.tree.map(np.asarray, (inits_, images, labels, steps)))
+            return evaluator(inits_, images, labels, steps)
+
+        return spy, inits, trained_on
+
+    monkeypatch.setattr(sensitivity, "evaluation_setup", spied_setup)
+    accs = sensitivity.perturbed_accuracies(d, digits28, model, [0.5], draws=3)
+    assert list(accs) == [0.0, 0.5] and len(accs[0.0]) == 1 and len(accs[0.5]) == 3
+    assert all(0 <= a <= 1 for a in accs[0.0] + accs[0.5])
+    assert len(calls) == 4
+    for inits_, _, labels, steps in calls:
+        for a, b in zip(jax.tree.leaves(inits_), jax.tree.leaves(init)):
+            np.testing.assert_array_equal(a[0], b)
+        np.testing.assert_array_equal(labels, d.labels)
+        np.testing.assert_array_equal(steps, d.step_sizes)  # the step sizes did not move
+    np.testing.assert_array_equal(calls[0][1], d.images)  # scale 0: the data as it is
+    moves = [c[1] - d.images for c in calls[1:]]
+    for move in moves:  # the images moved, by noise of std 0.5
+        assert abs(float(np.std(move)) - 0.5) < 0.02 and abs(float(np.mean(move))) < 0.02
+    assert not np.array_equal(moves[0], moves[1]) and not np.array_equal(moves[1], moves[2])
