@@ -37,6 +37,7 @@ def run(digits28):
     return config, distilled, rows
 
 
+@pytest.mark.slow
 def test_distilled_data_layout(run, digits28):
     config, d, rows = run
     assert isinstance(d, dd_jax.DistilledData)
@@ -56,6 +57,7 @@ def test_distilled_data_layout(run, digits28):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_log_rows_and_meta_loss_decreases(run):
     _, _, rows = run
     assert [r["iteration"] for r in rows] == list(range(10, ITERATIONS + 1, 10))
@@ -68,6 +70,7 @@ def test_log_rows_and_meta_loss_decreases(run):
     assert 0 <= rows[-1]["test_acc"] <= 1 and rows[-1]["eval_nets"] == 1
 
 
+@pytest.mark.slow
 def test_distilled_beats_untrained_and_random_real_images(run, digits28):
     _, d, _ = run
     result = dd_jax.evaluate(d, digits28, LeNet())

@@ -199,6 +199,7 @@ def test_disabled_by_environment(monkeypatch):
     assert native.enabled() == (jax.default_backend() == "cpu")
 
 
+@pytest.mark.slow
 def test_build_is_cached(tmp_path, monkeypatch):
     """Built once per source, compiler, jaxlib and CPU: a second build returns the same file."""
     monkeypatch.setenv("DD_JAX_CACHE_DIR", str(tmp_path))

@@ -240,6 +240,7 @@ def test_bad_poisoning_settings_are_one_line_errors(tmp_path, flags, fragment):
     assert_one_line_error(rc, err, fragment)
 
 
+@pytest.mark.slow
 def test_poisoned_distillation_attacks_class_k(digits8):
     """A short poisoning run (tiny MLP, fixed theta_0, one GD step on 10 images): the poisoned
     meta-loss falls, and after training on the data theta_0 predicts far more of class K as T
