@@ -205,6 +205,7 @@ TINY_POISON = ["mnist_poison", "--init_regime=fixed", "--n_nets=1", "--dataset=d
                "--checkpoint_every=2", "--log_every=1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_poisoning_run_through_the_cli(tmp_path):
     out = tmp_path / "poison"
     stdout = run_ok([*TINY_POISON, f"--output_dir={out}"])

@@ -354,6 +354,7 @@ def test_number_list(flag, text, kind, expected):
         assert number_list(flag, text, kind) == expected
 
 
+@pytest.mark.slow
 def test_memory_measure_smoke(digits28):
     from benchmarks.memory import measure
 
@@ -367,6 +368,7 @@ def test_memory_measure_smoke(digits28):
     assert skipped["xla_temp_mb"] == row["xla_temp_mb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peak_after_mb, raised", [(80, True), (50, False)])
 def test_memory_measure_reads_the_device_allocator(digits28, monkeypatch, peak_after_mb, raised):
     """Where the device keeps allocator statistics (GPU), the row has the step's peak above the
@@ -381,6 +383,7 @@ def test_memory_measure_reads_the_device_allocator(digits28, monkeypatch, peak_a
     assert row["device_peak_delta_mb"] == peak_after_mb - 10 and row["device_peak_raised"] is raised
 
 
+@pytest.mark.slow
 def test_memory_child_measures_a_named_experiment(capsys):
     """--experiment=NAME measures that experiment's own meta-step (its T, not the sweep's),
     with --remat and --field=value applied."""
