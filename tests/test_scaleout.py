@@ -207,8 +207,9 @@ def test_two_processes_give_the_one_process_result(two_hosts):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="every process writes checkpoint.npz (through the same temporary "
-                          "file); process 0 alone is to write checkpoints")
+                   reason="every process writes checkpoint.npz through the same temporary file "
+                          "(a race: a process can find the file already renamed by the other "
+                          "and die); process 0 alone is to write checkpoints")
 def test_two_processes_sharing_an_output_directory_write_checkpoints_once(two_hosts_shared):
     assert_ran(two_hosts_shared)
     process0, process1 = (set(r["writes"]) for r in two_hosts_shared)
@@ -219,7 +220,8 @@ def test_two_processes_sharing_an_output_directory_write_checkpoints_once(two_ho
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="every process writes config.json, metrics.jsonl, distilled.npz, "
-                          "distilled.png and results.json; process 0 alone is to write them")
+                          "distilled.png and results.json (distilled.npz through the same "
+                          "temporary file, a race); process 0 alone is to write them")
 def test_two_processes_sharing_an_output_directory_write_each_file_once(two_hosts_shared):
     """One output directory shared by both processes: process 0 writes the run's files other
     than the checkpoint (the test above), process 1 none of them."""
