@@ -2,7 +2,8 @@
 
 Speed: the suite runs on a 2-core CPU. Several tests compile the same LeNet meta-step and
 evaluator (the CLI runs, the distillation run); a per-session persistent XLA compilation cache
-makes every compilation after the first a cache hit. It changes no numerics.
+makes every compilation after the first a cache hit, in the subprocesses the tests start too
+(through JAX_COMPILATION_CACHE_DIR). It changes no numerics.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def pytest_configure(config):
         _CACHE_DIR = tempfile.mkdtemp(prefix="dd_jax_test_xla_cache_")
         _OWN_CACHE = True
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR  # the subprocess tests' cache too
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 

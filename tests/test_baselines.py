@@ -207,6 +207,7 @@ def read(run) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_baselines_run_through_the_cli(tiny_runs):
     run = tiny_runs["baselines"]
     results = read(run)
@@ -237,6 +238,7 @@ def test_baselines_run_through_the_cli(tiny_runs):
     assert results["rows"][4]["test_accs"] == distilled["test_accs"]
 
 
+@pytest.mark.slow
 def test_random_baselines_use_the_held_out_inits(tiny_runs):
     results = read(tiny_runs["baselines_random"])
     assert [r["method"] for r in results["rows"]] == ["random_real", "mean"]

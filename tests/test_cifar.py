@@ -153,6 +153,7 @@ CIFAR_TINY = ["--iterations=1", "--steps=2", "--epochs=1", "--real_batch_size=4"
               "--checkpoint_every=1", "--log_every=1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_cifar10_fixed_init_runs_through_the_cli(tmp_path):
     name, out = "cifar10_fixed_init", tmp_path / "cifar10_fixed_init"
     with tfds.testing.mock_data(num_examples=24):

@@ -11,15 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 import dd_jax
 import dd_jax.outer
-from conftest import MNIST_GZ, ROOT, corrupt_mnist_file, interrupt_meta_step
+from conftest import MNIST_GZ, ROOT, corrupt_mnist_file, interrupt_meta_step, make_tiny_convnet
 from dd_jax import data
 from dd_jax.checkpoint import checkpoint_meta, has_checkpoint
-from dd_jax.config import SECTIONS
+from dd_jax.config import SECTIONS, default_config
 from dd_jax.models import get_model
 from dd_jax.outputs import save_curves
 from experiments import run as cli
@@ -372,15 +373,25 @@ def reference_beyond(tmp_path_factory) -> Path:
     return out
 
 
+def checkpoint_arrays(path: Path) -> list[np.ndarray]:
+    """The leaves of the newest checkpoint in `path`, restored as saved (no template)."""
+    import orbax.checkpoint as ocp
+
+    step = checkpoint_meta(path)["iteration"]
+    with ocp.CheckpointManager(path.absolute()) as manager:
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+
+
 @pytest.mark.parametrize("how", ["killed", "shorter_run"])
 def test_resume_with_learned_labels_and_windows_equals_uninterrupted(reference_beyond, tmp_path,
                                                                      monkeypatch, how):
     a, b = reference_beyond, tmp_path / "B"
     if how == "killed":
         with monkeypatch.context() as m:
-            _interrupt_meta_step(m, after_calls=5)
+            interrupt_meta_step(m, after_calls=5)
             rc, _, _ = call_main([*BEYOND, f"--output_dir={b}"])
-        assert rc == 130 and checkpoint_meta(b / "checkpoint.npz")["iteration"] == 4
+        assert rc == 130 and checkpoint_meta(b / "checkpoint")["iteration"] == 4
         run_ok([BEYOND[0], f"--output_dir={b}", "--resume", "--quiet"])
     else:
         run_ok([*BEYOND, "--iterations=3", f"--output_dir={b}"])
@@ -396,19 +407,62 @@ def test_resume_with_learned_labels_and_windows_equals_uninterrupted(reference_b
     assert json.loads((b / "results.json").read_text())["test_accs"] == ra["test_accs"]
 
 
-def test_interrupted_before_first_checkpoint_can_be_continued(tmp_path, monkeypatch):
+def test_random_regime_kill_and_resume_equals_uninterrupted(digits8, tmp_path, monkeypatch):
+    """The random regime draws fresh initialisations every iteration, from the iteration number
+    (the fixed regime's theta_0 ignores it): killed after its checkpoint at iteration 4 and
+    resumed, the run draws what the uninterrupted run drew and ends in the same state, bitwise."""
+    dataset = digits8.subset(200, 50)
+    config = default_config()
+    config.update(dict(init_regime="random", n_nets=2, steps=2, epochs=2, real_batch_size=16,
+                       iterations=N, checkpoint_every=2, log_every=1, eval_every=3,
+                       n_eval_nets_during=2))
+    run = lambda name, rows, **kw: dd_jax.distill(dataset, make_tiny_convnet(), config,
+                                                 workdir=tmp_path / name, progress=False,
+                                                 log=rows.append, **kw)
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    rows_a, rows_b = [], []
+    a = run("A", rows_a)
+    with monkeypatch.context() as m:
+        interrupt_meta_step(m, after_calls=5)  # iterations 1-5 done, killed in 6
+        with pytest.raises(KeyboardInterrupt):
+            run("B", rows_b)
+    assert checkpoint_meta(tmp_path / "B" / "checkpoint")["iteration"] == 4
+    rows_b = [r for r in rows_b if r["iteration"] <= 4]  # what --resume keeps of metrics.jsonl
+    b = run("B", rows_b, resume=True)
+
+    assert [r["iteration"] for r in rows_b] == [r["iteration"] for r in rows_a] == list(range(1, N + 1))
+    assert [r["meta_loss"] for r in rows_b] == [r["meta_loss"] for r in rows_a]
+    assert [r.get("test_acc") for r in rows_b] == [r.get("test_acc") for r in rows_a]
+    np.testing.assert_array_equal(b.images, a.images)
+    np.testing.assert_array_equal(b.step_sizes, a.step_sizes)
+    state_a, state_b = (checkpoint_arrays(tmp_path / n / "checkpoint") for n in "AB")
+    assert len(state_a) == len(state_b)  # Adam's state and the iteration too
+    for x, y in zip(state_a, state_b):
+        np.testing.assert_array_equal(y, x)
+    assert checkpoint_meta(tmp_path / "B" / "checkpoint")["iteration"] == N
+
+
+@pytest.mark.parametrize("how", ["resume", "plain"])
+def test_interrupted_before_first_checkpoint_starts_afresh(reference, tmp_path, monkeypatch, how):
+    """Killed before its first checkpoint, a run holds nothing worth keeping: the advice printed
+    (--resume) and the plain command both start it afresh and give the uninterrupted run."""
     out = tmp_path / "early"
     with monkeypatch.context() as m:
         interrupt_meta_step(m, after_calls=1)  # killed in iteration 2, checkpoint_every=2
         rc, _, err = call_main([*TINY, f"--output_dir={out}"])
     assert rc == 130 and "--resume" in err
     assert not has_checkpoint(out / "checkpoint")
-    # follow the advice printed on interrupt; failing that, the plain command
-    rc_resume, _, err_resume = call_main([*TINY, f"--output_dir={out}", "--resume"])
-    if rc_resume != 0:
-        rc_plain, _, err_plain = call_main([*TINY, f"--output_dir={out}"])
-        assert rc_plain == 0, (err_resume, err_plain)
-    assert (out / "results.json").exists()
+    assert [r["iteration"] for r in metrics(out)] == [1]
+    run_ok([*TINY, f"--output_dir={out}", *(["--resume"] if how == "resume" else [])])
+
+    a, _ = reference
+    assert [r["iteration"] for r in metrics(out)] == list(range(1, N + 1))  # row 1 once
+    assert [r["meta_loss"] for r in metrics(out)] == [r["meta_loss"] for r in metrics(a)]
+    da, db = distilled_arrays(a), distilled_arrays(out)
+    assert set(da) == set(db)
+    for k in da:
+        np.testing.assert_array_equal(db[k], da[k], err_msg=k)
 
 
 def test_keep_checkpoints(reference_copy):
@@ -452,10 +506,12 @@ def test_divergence_at_first_iteration(diverged_at_start):
         assert not (out / name).exists()
 
 
-def test_divergence_message_does_not_claim_a_missing_checkpoint(diverged_at_start):
+def test_divergence_message_says_no_checkpoint_was_saved(diverged_at_start):
     out, rc, err = diverged_at_start
-    assert rc != 0 and not has_checkpoint(out / "checkpoint")
-    assert "checkpoint (iteration 0) is kept" not in err
+    line = assert_one_line_error(rc, err, "meta-loss became", "at iteration 1; no checkpoint had been saved.",
+                                 "Lower --outer_lr (now 0.01) or --step_size_init (now 1e+30) and start again.")
+    assert "is kept" not in line
+    assert not has_checkpoint(out / "checkpoint")
 
 
 # --------------------------------------------------------------------------- output directories

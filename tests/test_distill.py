@@ -1,6 +1,8 @@
 """A short real distillation run: it must beat both its start and random real images."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +37,7 @@ def run(digits28):
     return config, distilled, rows
 
 
+@pytest.mark.slow
 def test_distilled_data_layout(run, digits28):
     config, d, rows = run
     assert isinstance(d, dd_jax.DistilledData)
@@ -54,6 +57,7 @@ def test_distilled_data_layout(run, digits28):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_log_rows_and_meta_loss_decreases(run):
     _, _, rows = run
     assert [r["iteration"] for r in rows] == list(range(10, ITERATIONS + 1, 10))
@@ -66,6 +70,7 @@ def test_log_rows_and_meta_loss_decreases(run):
     assert 0 <= rows[-1]["test_acc"] <= 1 and rows[-1]["eval_nets"] == 1
 
 
+@pytest.mark.slow
 def test_distilled_beats_untrained_and_random_real_images(run, digits28):
     _, d, _ = run
     result = dd_jax.evaluate(d, digits28, LeNet())
@@ -138,10 +143,17 @@ def test_validation_holdout_is_never_trained_on(digits28):
     assert loop.batches.n_train == len(full) - VAL_SIZE  # real batches come from train only
 
 
-def test_validation_holdout_chooses_the_best_evaluated_iterate(digits28):
+@pytest.fixture(scope="module")
+def holdout_run(digits28):
+    """60 iterations with a validation holdout, evaluated every 10: (config, log rows, result)."""
     rows = []
     config = small_config(iterations=60, eval_every=10, val_size=VAL_SIZE)
     d = dd_jax.distill(digits28, LeNet(), config, progress=False, log=rows.append)
+    return config, rows, d
+
+
+def test_validation_holdout_chooses_the_best_evaluated_iterate(digits28, holdout_run):
+    config, rows, d = holdout_run
     evaluated = [r for r in rows if "val_acc" in r]
     assert [r["iteration"] for r in evaluated] == list(range(10, 61, 10))
     val_accs = [r["val_acc"] for r in evaluated]
@@ -155,6 +167,25 @@ def test_validation_holdout_chooses_the_best_evaluated_iterate(digits28):
     test_acc = dd_jax.evaluate(d, digits28, LeNet())["mean"]
     assert val_acc == pytest.approx(max(val_accs), abs=1.5 / VAL_SIZE)
     assert test_acc == pytest.approx(first_best["test_acc"], abs=1.5 / len(digits28.test_y))
+
+
+def test_model_selection_never_sees_the_test_set(digits28, holdout_run):
+    """With a validation holdout, a test set of garbage (noise images, shifted labels) changes
+    the test accuracies logged and nothing else: the same iterate, images and step sizes."""
+    config, real_rows, real = holdout_run
+    noise = jax.random.normal(jax.random.PRNGKey(5), digits28.test_x.shape)
+    garbage = dataclasses.replace(digits28, test_x=np.asarray(noise, np.float32),
+                                  test_y=(digits28.test_y + 1) % 10)
+    rows, d = {"real": real_rows, "garbage": []}, {"real": real}
+    d["garbage"] = dd_jax.distill(garbage, LeNet(), config, progress=False,
+                                  log=rows["garbage"].append)
+    test_accs = {name: [r["test_acc"] for r in rows[name] if "test_acc" in r] for name in rows}
+    assert len(test_accs["real"]) == 6 and test_accs["real"] != test_accs["garbage"]
+    assert d["garbage"].selected == d["real"].selected
+    np.testing.assert_array_equal(d["garbage"].images, d["real"].images)
+    np.testing.assert_array_equal(d["garbage"].step_sizes, d["real"].step_sizes)
+    assert [r["val_acc"] for r in rows["garbage"] if "val_acc" in r] == \
+        [r["val_acc"] for r in rows["real"] if "val_acc" in r]
 
 
 def test_best_on_validation_keeps_the_first_best_and_survives_a_restart(tmp_path):

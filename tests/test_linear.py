@@ -178,6 +178,7 @@ def tiny_run(tmp_path_factory):
     return out, run_ok([*TINY, f"--output_dir={out}"])
 
 
+@pytest.mark.slow
 def test_cli_run_writes_table_and_plot(tiny_run):
     out, stdout = tiny_run
     assert {p.name for p in out.iterdir()} == {"config.json", "results.json", "linear_analysis.png"}
@@ -202,6 +203,7 @@ def test_cli_run_writes_table_and_plot(tiny_run):
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
 
 
+@pytest.mark.slow
 def test_cli_run_m_at_least_d_reaches_a_much_lower_excess_loss(tiny_run):
     rows = json.loads((tiny_run[0] / "results.json").read_text())["rows"]
     below = [r for r in rows if r["points"] < 3]
@@ -222,6 +224,7 @@ def test_cli_bad_input_is_one_line(tmp_path, flags, fragments):
     assert_one_line_error(rc, err, *fragments)
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_overwrite(tiny_run):
     rc, _, err = call_main([*TINY, f"--output_dir={tiny_run[0]}"])
     assert_one_line_error(rc, err, "already holds a run")

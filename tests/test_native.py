@@ -92,6 +92,55 @@ def test_float32_outputs_and_gradients():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
+AWKWARD = [  # (batch, image hw, kernel hw, padding, pool, in channels, out channels): channel
+    # counts that leave partial register tiles, batches that leave a partial last block of 32
+    pytest.param(33, (8, 8), (3, 3), 1, True, 7, 5, id="7to5-pool-batch33"),
+    pytest.param(65, (9, 7), (3, 2), 1, False, 7, 5, id="7to5-batch65"),
+    pytest.param(70, (10, 10), (5, 5), 2, True, 5, 7, id="5to7-pool-batch70"),
+    pytest.param(70, (6, 9), (2, 4), 1, False, 13, 9, id="13to9-batch70"),
+]
+F32_TOL = 2e-5  # float32 rounding (a few 1e-6 here), relative to the largest entry of an array
+
+
+@pytest.mark.parametrize("batch, hw, kernel_hw, padding, pool, cin, cout", AWKWARD)
+def test_float32_awkward_shapes_to_second_order(batch, hw, kernel_hw, padding, pool, cin, cout):
+    """The float32 kernels (the ones runs use) with odd channel counts and batch remainders:
+    outputs, the gradient w.r.t. images, kernel and bias, and a second derivative (as in the
+    float64 test) agree with lax.conv in float64 on the same inputs to float32 rounding: every
+    entry within F32_TOL of the array's largest (sums of up to a few thousand products, whose
+    float32 errors grow about as their square root times 6e-8). Without relu: float32 rounding
+    of an output near 0 would switch its gradient on or off (relu is checked in float64 above)."""
+    rng = np.random.default_rng(batch + cin)
+    args32 = _problem(rng, batch, hw, kernel_hw, cin, cout, jnp.float32)
+    v = rng.normal(size=args32[1].shape)
+
+    def derivatives(layer, args, v):
+        loss = lambda x, k, b: jnp.sum(jnp.sin(layer(x, k, b, padding, pool, False)))
+        hvp = lambda x, k, b: jnp.vdot(jax.grad(loss, 1)(x, k, b), v)
+        return (layer(*args, padding, pool, False), jax.grad(loss, (0, 1, 2))(*args),
+                jax.grad(hvp, (0, 1, 2))(*args))
+
+    ours = jax.jit(derivatives, static_argnums=0)(native_layer, args32, jnp.asarray(v, jnp.float32))
+    with jax.enable_x64():
+        args64 = [jnp.asarray(np.asarray(a), jnp.float64) for a in args32]
+        ref = jax.jit(derivatives, static_argnums=0)(reference_layer, args64, jnp.asarray(v))
+        ref = jax.tree.map(np.asarray, ref)
+        if pool:  # the same maximum of every 2x2 window: each window's two largest entries
+            # differ by more than twice the float32 kernel's largest error before pooling
+            y = np.asarray(reference_layer(*args64, padding, False, False))
+            err = np.max(np.abs(np.asarray(native_layer(*args32, padding, False, False), np.float64) - y))
+            n, h, w, c = y.shape
+            windows = np.sort(y.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+                              .reshape(-1, 4), axis=1)
+            assert np.min(windows[:, 3] - windows[:, 2]) > 2 * err
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        assert a.dtype == jnp.float32 and a.shape == b.shape
+        scale = float(np.max(np.abs(b)))
+        assert scale > 0
+        err = float(np.max(np.abs(np.asarray(a, np.float64) - b)))
+        assert err <= F32_TOL * scale, (err / scale, a.shape)
+
+
 def test_vmap_over_kernels_equals_a_loop():
     """n_nets initialisations: the layer vmapped over kernels and biases (the shared images
     unbatched, as the real batch is) equals one call per net."""
@@ -150,6 +199,7 @@ def test_disabled_by_environment(monkeypatch):
     assert native.enabled() == (jax.default_backend() == "cpu")
 
 
+@pytest.mark.slow
 def test_build_is_cached(tmp_path, monkeypatch):
     """Built once per source, compiler, jaxlib and CPU: a second build returns the same file."""
     monkeypatch.setenv("DD_JAX_CACHE_DIR", str(tmp_path))

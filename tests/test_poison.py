@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dd_jax
 from conftest import assert_matches_finite_difference, make_tiny_convnet, make_tiny_mlp
 from dd_jax.config import default_config
 from dd_jax.errors import ConfigError, DataError
@@ -204,6 +205,7 @@ TINY_POISON = ["mnist_poison", "--init_regime=fixed", "--n_nets=1", "--dataset=d
                "--checkpoint_every=2", "--log_every=1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_poisoning_run_through_the_cli(tmp_path):
     out = tmp_path / "poison"
     stdout = run_ok([*TINY_POISON, f"--output_dir={out}"])
@@ -237,3 +239,26 @@ def test_poisoning_run_through_the_cli(tmp_path):
 def test_bad_poisoning_settings_are_one_line_errors(tmp_path, flags, fragment):
     rc, _, err = call_main([*TINY_POISON, *flags, f"--output_dir={tmp_path / 'bad'}"])
     assert_one_line_error(rc, err, fragment)
+
+
+@pytest.mark.slow
+def test_poisoned_distillation_attacks_class_k(digits8):
+    """A short poisoning run (tiny MLP, fixed theta_0, one GD step on 10 images): the poisoned
+    meta-loss falls, and after training on the data theta_0 predicts far more of class K as T
+    than after training on the same run's unpoisoned data, keeping most other classes right."""
+    dataset = digits8.subset(600, 300)
+    model = make_tiny_mlp(hidden=16)
+    config = default_config()
+    config.update(dict(steps=1, epochs=1, real_batch_size=128, iterations=60, outer_lr=0.05,
+                       log_every=1, eval_every=10**6))
+    rows, distilled = {}, {}
+    for name, k, t in (("poisoned", 0, 1), ("clean", -1, -1)):
+        rows[name] = []
+        distilled[name] = dd_jax.distill(dataset, model, config, progress=False, poison_class=k,
+                                         poison_target=t, log=rows[name].append)
+    losses = [r["meta_loss"] for r in rows["poisoned"]]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5, losses
+    attack = {name: evaluate_poison(d, dataset, model, 0, 1)["after"] for name, d in distilled.items()}
+    assert attack["poisoned"]["eval_nets"] == attack["clean"]["eval_nets"] == 1  # the same theta_0
+    assert attack["poisoned"]["attack_success"] > attack["clean"]["attack_success"] + 0.5, attack
+    assert attack["poisoned"]["other_class_acc"] > 0.5, attack

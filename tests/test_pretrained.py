@@ -392,6 +392,7 @@ def adaptation(tmp_path_factory):
     return root, pool_run, adapt_run
 
 
+@pytest.mark.slow
 def test_pool_run_outputs(adaptation):
     root, (rc, out, err), _ = adaptation
     assert rc == 0, err
@@ -410,6 +411,7 @@ def test_pool_run_outputs(adaptation):
     assert "4 networks trained on digits" in out and "runs/digits_pool/pool.npz" in out
 
 
+@pytest.mark.slow
 def test_adaptation_run_rows_and_reevaluation(adaptation):
     root, _, (rc, out, err) = adaptation
     assert rc == 0, err
@@ -440,6 +442,7 @@ def test_adaptation_run_rows_and_reevaluation(adaptation):
     assert again["untrained"]["accuracies"] == before["test_accs"]
 
 
+@pytest.mark.slow  # it needs the adaptation run
 @pytest.mark.parametrize("args, fragments", [
     (["mnist_to_digits"], ["no network pool at runs/mnist_pool/pool.npz",
                            "python -m experiments.run mnist_pool"]),

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 from conftest import ROOT
 from dd_jax.outputs import markdown_table
 from experiments import report
@@ -29,6 +31,7 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+@pytest.mark.slow
 def test_report_of_two_tiny_runs(tiny_runs, tmp_path):
     distill, baselines = tiny_runs["distill"], tiny_runs["baselines_random"]
     out = tmp_path / "report.md"

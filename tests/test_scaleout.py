@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +39,7 @@ def four_devices(tmp_path_factory) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, mesh", [("nets", {"nets": 4, "batch": 1}),
                                           ("nets_and_batch", {"nets": 2, "batch": 2})])
 def test_sharded_meta_gradient_equals_one_device(four_devices, layout, mesh):
@@ -50,6 +54,7 @@ def test_sharded_meta_gradient_equals_one_device(four_devices, layout, mesh):
                                    atol=1e-6 * np.max(np.abs(expected)))
 
 
+@pytest.mark.slow
 def test_sharded_run_resume_and_evaluation_equal_one_device(four_devices):
     one, all_ = four_devices["runs"]["one"], four_devices["runs"]["all"]
     assert len(one["losses"]) == len(all_["losses"]) == 3  # 2 iterations, then 1 after --resume
@@ -90,6 +95,141 @@ def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path, monkeypatch
     assert_one_line_error(rc, err, "--distributed", "JAX_COORDINATOR_ADDRESS")
 
 
+# --------------------------------------------------------------------------- several hosts
+
+MULTIHOST_RUN = ["mnist_fixed_init", "--dataset=digits", "--train_subset=256", "--test_subset=100",
+                 "--iterations=3", "--real_batch_size=32", "--eval_every=2", "--checkpoint_every=2",
+                 "--log_every=1", "--quiet"]
+MULTIHOST_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_run(tmp: Path, out_dirs: list[Path]) -> list[dict]:
+    """MULTIHOST_RUN as a two-process run on this machine (--distributed --devices=0: one CPU
+    device per process, the coordinator on 127.0.0.1), process i writing into out_dirs[i]:
+    each process's tests/multihost_check.py report (exit status, process index, files written)
+    and its output ('log')."""
+    port = _free_port()
+    procs, logs = [], [tmp / f"process{i}.log" for i in range(2)]
+    for i, out in enumerate(out_dirs):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(i), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}
+        with open(logs[i], "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "multihost_check.py"),
+                 str(tmp / f"writes{i}.json"), *MULTIHOST_RUN, "--distributed", "--devices=0",
+                 f"--output_dir={out}"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + MULTIHOST_TIMEOUT_S
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the two-process run took over {MULTIHOST_TIMEOUT_S} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    reports = []
+    for i, p in enumerate(procs):
+        path = tmp / f"writes{i}.json"
+        report = json.loads(path.read_text()) if path.exists() else {"rc": None, "writes": []}
+        reports.append({**report, "exit": p.returncode, "log": logs[i].read_text()[-4000:]})
+    return reports
+
+
+def assert_ran(reports: list[dict]) -> None:
+    """Both processes of a two_process_run finished the run."""
+    for r in reports:
+        assert r["exit"] == 0 and r["rc"] == 0, r["log"]
+    assert [r["process_index"] for r in reports] == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory) -> dict:
+    """MULTIHOST_RUN as two processes, each with its own output directory, and as one process
+    (in this one, on one device)."""
+    tmp = tmp_path_factory.mktemp("multihost")
+    dirs = [tmp / "process0", tmp / "process1"]
+    reports = two_process_run(tmp, dirs)
+    assert_ran(reports)
+    rc, _, err = call_main([*MULTIHOST_RUN, f"--output_dir={tmp / 'one'}"])
+    assert rc == 0, err
+    return {"dirs": dirs, "one": tmp / "one"}
+
+
+@pytest.fixture(scope="module")
+def two_hosts_shared(tmp_path_factory) -> list[dict]:
+    """MULTIHOST_RUN as two processes writing into one output directory: their reports."""
+    tmp = tmp_path_factory.mktemp("multihost_shared")
+    return two_process_run(tmp, [tmp / "run", tmp / "run"])
+
+
+def _outputs(directory: Path) -> tuple[dict, list[dict], dict]:
+    """distilled.npz's arrays, metrics.jsonl's rows without their wall times, results.json."""
+    with np.load(directory / "distilled.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    rows = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return arrays, rows, json.loads((directory / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_result(two_hosts):
+    """Two processes on localhost (the real batch split over their two CPU devices) run the
+    distillation one process runs: the same meta-losses, data and test accuracy."""
+    (a0, rows0, res0), (a1, rows1, res1) = (_outputs(d) for d in two_hosts["dirs"])
+    assert len(res0["machine"]["devices"]) == 2  # both processes' devices
+    assert rows1 == rows0 and res1["test_accs"] == res0["test_accs"]
+    for k in a0:  # both processes hold the same replicated result
+        np.testing.assert_array_equal(a1[k], a0[k], err_msg=k)
+
+    one, rows, res = _outputs(two_hosts["one"])
+    assert len(res["machine"]["devices"]) == 1
+    assert [r["iteration"] for r in rows0] == [r["iteration"] for r in rows] == [1, 2, 3]
+    np.testing.assert_allclose([r["meta_loss"] for r in rows0], [r["meta_loss"] for r in rows],
+                               rtol=1e-5)
+    # Adam's first steps move every pixel by about lr = 0.01, whatever the gradient's size
+    np.testing.assert_allclose(a0["images"], one["images"], atol=1e-4)
+    assert np.max(np.abs(one["images"])) > 1
+    np.testing.assert_allclose(a0["step_sizes"], one["step_sizes"], rtol=1e-5)
+    assert set(a0) == set(one)
+    for k in set(one) - {"images", "step_sizes"}:  # theta_0, labels, the format's fields
+        np.testing.assert_array_equal(a0[k], one[k], err_msg=k)
+    assert res0["test_accs"] == res["test_accs"] and res0["untrained_acc"] == res["untrained_acc"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="every process saves the checkpoint; process 0 alone is to write it")
+def test_two_processes_sharing_an_output_directory_write_checkpoints_once(two_hosts_shared):
+    assert_ran(two_hosts_shared)
+    process0, process1 = (set(r["writes"]) for r in two_hosts_shared)
+    assert "checkpoint" in process0
+    assert not {name for name in process1 if name.startswith("checkpoint")}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="every process writes config.json, metrics.jsonl, distilled.npz, "
+                          "distilled.png and results.json (distilled.npz through the same "
+                          "temporary file, a race); process 0 alone is to write them")
+def test_two_processes_sharing_an_output_directory_write_each_file_once(two_hosts_shared):
+    """One output directory shared by both processes: process 0 writes the run's files other
+    than the checkpoint (the test above), process 1 none of them."""
+    assert_ran(two_hosts_shared)
+    process0, process1 = (set(r["writes"]) for r in two_hosts_shared)
+    assert {"config.json", "metrics.jsonl", "distilled.npz", "distilled.png",
+            "results.json"} <= process0
+    assert {name for name in process1 if not name.startswith("checkpoint")} == set()
+
+
 # --------------------------------------------------------------------------- remat
 
 
@@ -120,6 +260,7 @@ def _meta_gradient_temp_bytes(model, steps: int, epochs: int, remat: bool) -> in
     return grad.lower(x, jnp.zeros((steps * epochs,))).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_remat_memory_does_not_grow_with_the_unroll():
     """T = 10 -> 250 for a conv net, whose activations outweigh its parameters (as LeNet's do):
     with remat XLA's temporary memory stays within 1.5x; without, it grows with T."""
@@ -213,6 +354,7 @@ def test_number_list(flag, text, kind, expected):
         assert number_list(flag, text, kind) == expected
 
 
+@pytest.mark.slow
 def test_memory_measure_smoke(digits28):
     from benchmarks.memory import measure
 
@@ -226,6 +368,7 @@ def test_memory_measure_smoke(digits28):
     assert skipped["xla_temp_mb"] == row["xla_temp_mb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peak_after_mb, raised", [(80, True), (50, False)])
 def test_memory_measure_reads_the_device_allocator(digits28, monkeypatch, peak_after_mb, raised):
     """Where the device keeps allocator statistics (GPU), the row has the step's peak above the
@@ -240,6 +383,7 @@ def test_memory_measure_reads_the_device_allocator(digits28, monkeypatch, peak_a
     assert row["device_peak_delta_mb"] == peak_after_mb - 10 and row["device_peak_raised"] is raised
 
 
+@pytest.mark.slow
 def test_memory_child_measures_a_named_experiment(capsys):
     """--experiment=NAME measures that experiment's own meta-step (its T, not the sweep's),
     with --remat and --field=value applied."""
@@ -299,17 +443,45 @@ def test_time_to_accuracy_reports_the_holdout_choice(digits28, tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
-def test_sensitivity_perturbs_only_the_images(digits28):
+def test_sensitivity_perturbs_only_the_images(digits28, monkeypatch):
+    """Every network the benchmark trains starts from theta_0 with the data's own labels and
+    step sizes; the images are the data's own for scale 0, and moved by noise of that std for
+    the others (a fresh draw each time)."""
     import dd_jax
-    from benchmarks.sensitivity import perturbed_accuracies
-    from dd_jax.evaluation import Evaluator
+    import benchmarks.sensitivity as sensitivity
+    from dd_jax.evaluation import evaluation_setup
 
-    model = make_tiny_convnet()
-    d = dd_jax.distill(digits28, model, _tiny(iterations=3), progress=False)
-    accs = perturbed_accuracies(d, digits28, as_model(model), [0.5], draws=3)
-    evaluator = Evaluator(as_model(model).apply, d.epochs, digits28.test_x, digits28.test_y)
-    init = jax.tree.map(lambda a: jnp.asarray(a)[None], d.init_params)
-    base = float(evaluator(init, jnp.asarray(d.images), jnp.asarray(d.labels),
-                           jnp.asarray(d.step_sizes))[0])
-    assert list(accs) == [0.0, 0.5] and accs[0.0] == [base]  # first: the data as it is
-    assert len(accs[0.5]) == 3 and all(0 <= a <= 1 for a in accs[0.5])
+    model = as_model(make_tiny_convnet())
+    rng = np.random.default_rng(0)
+    init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    d = dd_jax.DistilledData(
+        images=rng.normal(size=(1, 10, 28, 28, 1)).astype(np.float32),
+        labels=np.arange(10, dtype=np.int32)[None], step_sizes=np.array([0.3, 0.2], np.float32),
+        epochs=2, mean=digits28.mean, std=digits28.std, init_regime="fixed",
+        init_dist="xavier_normal", init_gain=1.0, seed=0, init_params=init)
+    calls = []
+
+    def spied_setup(*args, **kwargs):
+        evaluator, inits, trained_on = evaluation_setup(*args, **kwargs)
+
+        def spy(inits_, images, labels, steps):
+            calls.append(jax.tree.map(np.asarray, (inits_, images, labels, steps)))
+            return evaluator(inits_, images, labels, steps)
+
+        return spy, inits, trained_on
+
+    monkeypatch.setattr(sensitivity, "evaluation_setup", spied_setup)
+    accs = sensitivity.perturbed_accuracies(d, digits28, model, [0.5], draws=3)
+    assert list(accs) == [0.0, 0.5] and len(accs[0.0]) == 1 and len(accs[0.5]) == 3
+    assert all(0 <= a <= 1 for a in accs[0.0] + accs[0.5])
+    assert len(calls) == 4
+    for inits_, _, labels, steps in calls:
+        for a, b in zip(jax.tree.leaves(inits_), jax.tree.leaves(init)):
+            np.testing.assert_array_equal(a[0], b)
+        np.testing.assert_array_equal(labels, d.labels)
+        np.testing.assert_array_equal(steps, d.step_sizes)  # the step sizes did not move
+    np.testing.assert_array_equal(calls[0][1], d.images)  # scale 0: the data as it is
+    moves = [c[1] - d.images for c in calls[1:]]
+    for move in moves:  # the images moved, by noise of std 0.5
+        assert abs(float(np.std(move)) - 0.5) < 0.02 and abs(float(np.mean(move))) < 0.02
+    assert not np.array_equal(moves[0], moves[1]) and not np.array_equal(moves[1], moves[2])
