@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dd_jax.inner import ApplyFn, inner_train
+from dd_jax.inner import ApplyFn, LossFn, cross_entropy, inner_train
 from dd_jax.errors import DataError
 from dd_jax.models import Model, as_model
 from dd_jax.pretrain import Pool, check_pool, load_pool
@@ -29,10 +29,11 @@ class Evaluator:
     test_x (N, H, W, C), test_y (N,) are split into equal chunks of at most `chunk` images (the
     last one padded with label -1, which never counts as correct), the chunks evenly over
     `devices` (default: the first device), each counting its hits (dd_jax.sharding).
+    `loss_fn(logits, labels)` is the training loss (cross-entropy with integer labels).
     """
 
     def __init__(self, apply_fn: ApplyFn, epochs: int, test_x, test_y, chunk: int = 2000,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, loss_fn: LossFn = cross_entropy):
         mesh = eval_mesh(devices or jax.devices()[:1])
         n = len(test_y)
         n_chunks = mesh.size * -(-n // (chunk * mesh.size))
@@ -55,13 +56,15 @@ class Evaluator:
         correct = jax.shard_map(count, mesh=mesh, in_specs=(P(), P(TEST), P(TEST)), out_specs=P())
 
         def train_and_count(params, images, labels, step_sizes, x, y):
-            return correct(inner_train(apply_fn, params, images, labels, step_sizes, epochs), x, y)
+            return correct(inner_train(apply_fn, params, images, labels, step_sizes, epochs,
+                                       loss_fn=loss_fn), x, y)
 
         def predict(params, x):
             return jax.lax.map(lambda xc: jnp.argmax(apply_fn(params, xc), -1), x).reshape(-1)
 
         def train_and_predict(params, images, labels, step_sizes, x):
-            return predict(inner_train(apply_fn, params, images, labels, step_sizes, epochs), x)
+            return predict(inner_train(apply_fn, params, images, labels, step_sizes, epochs,
+                                       loss_fn=loss_fn), x)
 
         self._correct = jax.jit(correct)
         self._train_and_count = jax.jit(train_and_count)
@@ -129,7 +132,7 @@ def default_eval_inits(distilled, dataset, model: Model, n_nets: int | None) -> 
 
 def evaluate(
     distilled, dataset, model_fn, init_params: Params | None = None, n_nets: int | None = None,
-    devices: int = 1,
+    devices: int = 1, loss_fn: LossFn = cross_entropy,
 ) -> dict:
     """Trains networks on `distilled` (a DistilledData) and tests them on dataset's test set.
 
@@ -139,25 +142,27 @@ def evaluate(
     `n_nets` (default all) of the pool members held out from training, read from the pool file
     the data was made for (distilled.pool['path'], checked against its fingerprint).
     devices: how many devices split the test set (0 = all; see dd_jax.sharding).
+    loss_fn(logits, labels): the training loss (default: cross-entropy with integer labels).
     Returns `summarise` of the accuracies, plus 'untrained' (the same nets before training).
     """
     evaluator, init_params, trained_on = evaluation_setup(distilled, dataset, model_fn, init_params,
-                                                          n_nets, devices)
+                                                          n_nets, devices, loss_fn)
     accs = evaluator(init_params, *trained_on)
     return {**summarise(accs), "untrained": summarise(evaluator.untrained(init_params))}
 
 
 def evaluation_setup(
     distilled, dataset, model_fn, init_params: Params | None = None, n_nets: int | None = None,
-    devices: int = 1,
+    devices: int = 1, loss_fn: LossFn = cross_entropy,
 ) -> tuple[Evaluator, Params, tuple[jax.Array, jax.Array, jax.Array]]:
     """What testing `distilled` needs: an Evaluator on dataset's test set split over `devices`,
-    the theta_0 batch (init_params, or `default_eval_inits`) and (images, labels, step_sizes)."""
+    the theta_0 batch (init_params, or `default_eval_inits`) and (images, labels, step_sizes);
+    the Evaluator trains with `loss_fn`."""
     model = as_model(model_fn)
     if init_params is None:
         init_params = default_eval_inits(distilled, dataset, model, n_nets)
     evaluator = Evaluator(model.apply, distilled.epochs, dataset.test_x, dataset.test_y,
-                          devices=select_devices(devices))
+                          devices=select_devices(devices), loss_fn=loss_fn)
     trained_on = (jnp.asarray(distilled.images), jnp.asarray(distilled.labels),
                   jnp.asarray(distilled.step_sizes))
     return evaluator, init_params, trained_on
