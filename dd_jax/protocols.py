@@ -230,9 +230,10 @@ def evaluate_standard(distilled, dataset, model_fn, n_nets: int = 20, seed: int 
                       recipe: Recipe = Recipe(), vmap: bool = True) -> dict:
     """The standard protocol: `n_nets` networks trained from scratch on the distilled images
     (all S steps' batches as one set, its own labels) by `recipe`, each tested on dataset's
-    test set. Keys from jax.random.PRNGKey(seed). Returns `summarise` of the accuracies."""
+    test set (in chunks of 500 images: ConvNet-3's im2col patches of larger chunks take
+    gigabytes). Keys from jax.random.PRNGKey(seed). Returns `summarise` of the accuracies."""
     model = as_model(model_fn)
-    label_loss(distilled.labels, dataset.num_classes)
+    label_loss(distilled.labels, dataset.num_classes)  # DataError for malformed labels
     if n_nets < 1 or recipe.epochs < 1 or recipe.batch_size < 1:
         raise ConfigError(f"n_nets, epochs and batch_size must be >= 1, got {n_nets}, "
                           f"{recipe.epochs}, {recipe.batch_size}")
