@@ -328,7 +328,8 @@ def conv3x3_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     n, h, w, _ = x.shape
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     patches = jnp.concatenate([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], -1)
-    return (patches.reshape(n * h * w, -1) @ kernel.reshape(-1, kernel.shape[-1])).reshape(n, h, w, -1)
+    out = patches.reshape(n * h * w, -1) @ kernel.reshape(-1, kernel.shape[-1])
+    return out.reshape(n, h, w, -1)
 
 
 class Conv3x3(nn.Module):
