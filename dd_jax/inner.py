@@ -19,13 +19,18 @@ ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy; logits (N, K), integer labels (N,) or real-valued label
-    vectors (N, K): then sum_c y_c * CE(logits, c) = -sum_c y_c log softmax(logits)_c per
-    image, the vectors taken as they are (not normalised, any sign)."""
+def example_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """(N,) softmax cross-entropy per image; logits (N, K), integer labels (N,) or real-valued
+    label vectors (N, K): then sum_c y_c * CE(logits, c) = -sum_c y_c log softmax(logits)_c,
+    the vectors taken as they are (not normalised, any sign)."""
     if labels.ndim == logits.ndim:
-        return optax.softmax_cross_entropy(logits, labels).mean()
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return optax.softmax_cross_entropy(logits, labels)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean of `example_cross_entropy` over the N images: a scalar."""
+    return example_cross_entropy(logits, labels).mean()
 
 
 def gd_step(

@@ -300,6 +300,86 @@ class AlexCifarNet(nn.Module):
         return nn.Dense(self.num_classes, name="fc3")(x)
 
 
+class MLP(nn.Module):
+    """A plain multilayer perceptron, for cross-architecture evaluation: flatten, ``hidden``
+    fully connected ReLU layers (default two of 128 units), fc(classes).
+
+    x (N, H, W, C) -> logits (N, num_classes). Flax's default initialisers (LeCun normal
+    kernels, zero biases).
+    """
+
+    num_classes: int = 10
+    hidden: tuple[int, ...] = (128, 128)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        for i, units in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(units, name=f"fc{i + 1}")(x))
+        return nn.Dense(self.num_classes, name=f"fc{len(self.hidden) + 1}")(x)
+
+
+def conv3x3_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3x3 stride-1 convolution with zero padding 1, (N, H, W, Ci) -> (N, H, W, Co), as one
+    matmul of im2col patches (the nine shifted copies of x side by side) with the HWIO kernel
+    (3, 3, Ci, Co) reshaped to (9 Ci, Co): the same function as ``nn.Conv(Co, (3, 3),
+    padding=1)``. XLA:CPU runs a convolution inside a ``lax.scan`` body (a training loop) many
+    times slower than this matmul."""
+    n, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], -1)
+    out = patches.reshape(n * h * w, -1) @ kernel.reshape(-1, kernel.shape[-1])
+    return out.reshape(n, h, w, -1)
+
+
+class Conv3x3(nn.Module):
+    """`conv3x3_patches` plus a bias: the function and the parameters (``kernel`` HWIO,
+    ``bias``) of ``nn.Conv(features, (3, 3), padding=1)``. (N, H, W, Ci) -> (N, H, W, features)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return conv3x3_patches(x, kernel) + bias
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2, (N, H, W, C) -> (N, H // 2, W // 2, C): an odd last row
+    or column is dropped (PyTorch's ``AvgPool2d(2, 2)``)."""
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class ConvNet(nn.Module):
+    """ConvNet-3 of the later dataset-distillation papers (DC, DSA, MTT): ``depth`` blocks of
+    conv 3x3 (``width`` filters, padding 1, `Conv3x3`) -> instance norm (per-channel
+    affine) -> ReLU -> 2x2 average pooling (`avg_pool_2x2`), then one linear classifier.
+
+    As their code, inputs keep their size and the pooling floors odd sizes: 28x28 MNIST gives
+    28 -> 14 -> 7 -> 3, a 3x3x128 feature map (32x32 gives 4x4x128), flattened in H, W, C
+    order. Instance norm is group norm with one channel per group (epsilon 1e-5), as their
+    ``GroupNorm(width, width, affine=True)``. x (N, H, W, C) -> logits (N, num_classes).
+    Parameters as ``nn.Conv`` (``conv<i>``: ``kernel`` HWIO, ``bias``), ``norm<i>`` and ``fc``;
+    Flax's default initialisers (LeCun normal kernels, zero biases, unit norm scales).
+    """
+
+    num_classes: int = 10
+    width: int = 128
+    depth: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(1, self.depth + 1):
+            x = Conv3x3(self.width, name=f"conv{i}")(x)
+            x = nn.GroupNorm(num_groups=self.width, epsilon=1e-5, name=f"norm{i}")(x)
+            x = avg_pool_2x2(nn.relu(x))
+        return nn.Dense(self.num_classes, name="fc")(x.reshape(x.shape[0], -1))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet, "alexcifarnet": AlexCifarNet}
 
 
