@@ -135,17 +135,21 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     dataset, model = load_data_and_model(config)
     check_run_dir(workdir, resume)
     resume = resume and has_checkpoint(workdir / CHECKPOINT)
+    writer = jax.process_index() == 0  # in a multi-host run process 0 alone writes the files
     metrics: list[MetricsLog] = []
 
     def begin(iteration: int) -> None:  # the checkpoint is restored: now files are written
-        start_run(config, workdir, name, resume)
-        metrics.append(MetricsLog(workdir / METRICS, iteration if resume else None))
+        if writer:
+            start_run(config, workdir, name, resume)
+            metrics.append(MetricsLog(workdir / METRICS, iteration if resume else None))
 
     distilled = distill(dataset, model, config, workdir=workdir, resume=resume,
-                        progress=progress, log=lambda row: metrics[0](row), on_start=begin)
-    save_distilled(workdir / "distilled.npz", distilled, model=config.model)
-    save_image_grid(workdir / "distilled.png", distilled)
-    save_curves(workdir / CURVES, read_metrics(workdir / METRICS))
+                        progress=progress, log=lambda row: metrics and metrics[0](row),
+                        on_start=begin)
+    if writer:
+        save_distilled(workdir / "distilled.npz", distilled, model=config.model)
+        save_image_grid(workdir / "distilled.png", distilled)
+        save_curves(workdir / CURVES, read_metrics(workdir / METRICS))
 
     distill_seconds = checkpoint_meta(workdir / CHECKPOINT)["seconds"]
     t1 = time.perf_counter()
@@ -181,8 +185,10 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
         results.update(_pretrained_rows(distilled, acc, distill_seconds))
     if config.poison_class >= 0:
         results.update(poison)
-        save_poison_chart(workdir / "poisoning.png", results)
-    write_json(workdir / RESULTS, results)
+        if writer:
+            save_poison_chart(workdir / "poisoning.png", results)
+    if writer:
+        write_json(workdir / RESULTS, results)
     return results
 
 

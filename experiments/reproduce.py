@@ -223,9 +223,10 @@ def schedule_text(workdir: Path) -> str:
 STAMP = "reproduce.json"  # per finished row: the commit that finished it
 
 
-def write_table(rows: list[Row], out: Path) -> list[dict]:
-    """Rewrites out/TABLE.md and out/TABLE.json from what is on disk; returns the entries."""
-    entries = [e for row in rows for e in row_entries(row, out)]
+def write_table(out: Path) -> list[dict]:
+    """Rewrites out/TABLE.md and out/TABLE.json, every row of ROWS as it stands on disk (whichever
+    rows this invocation runs); returns the entries."""
+    entries = [e for row in ROWS for e in row_entries(row, out)]
     write_json(out / "TABLE.json", {"rows": entries})
     lines = [[e["row"], e["setting"] + (f" - {e['method']}" if e["method"] else ""), e["paper"],
               e.get("measured", e["status"]), e.get("schedule", ""),
@@ -299,13 +300,13 @@ def reproduce(rows: list[Row], out: Path, flags: dict[str, str], progress: bool 
     try:
         run_rows(rows, out, flags, progress)
     finally:  # interrupted too: the table says which row was running
-        entries = write_table(rows, out)
+        entries = write_table(out)
     return entries
 
 
 def run_rows(rows: list[Row], out: Path, flags: dict[str, str], progress: bool) -> None:
     """`reproduce`'s loop: each row not done, in order, and the table after each."""
-    write_table(rows, out)
+    write_table(out)
     for row in rows:
         if row_state(row, out) == "done" or missing_data(row.needs_data):
             continue
@@ -318,7 +319,7 @@ def run_rows(rows: list[Row], out: Path, flags: dict[str, str], progress: bool) 
         run_row(row, out, row_overrides(row, flags), progress)
         write_json(out / row.name / STAMP, {"commit": git_commit(),
                                              "last_session_s": time.perf_counter() - t0})
-        write_table(rows, out)
+        write_table(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ def test_report_of_two_tiny_runs(tiny_runs, tmp_path):
 
 def test_report_reads_the_single_row_format_of_committed_results(tmp_path):
     run = tmp_path / "mnist_random_init_p20"
-    shutil.copytree(ROOT / "results" / "mnist_random_init_p20", run)
+    shutil.copytree(ROOT / "results" / "archive" / "mnist_random_init_p20", run)
     results = json.loads((run / "results.json").read_text())
     text = report.report([tmp_path], out=tmp_path / "r.md")
     line = text.splitlines()[2]
@@ -96,7 +96,7 @@ def test_paper_numbers_are_keyed_and_marked():
 
 def test_report_names_the_iterate_a_holdout_chose(tmp_path):
     run = tmp_path / "mnist_random_init_p20"
-    shutil.copytree(ROOT / "results" / "mnist_random_init_p20", run)
+    shutil.copytree(ROOT / "results" / "archive" / "mnist_random_init_p20", run)
     results = json.loads((run / "results.json").read_text())
     results["selected"] = {"iteration": 1500, "val_acc": 0.9, "val_size": 5000}
     (run / "results.json").write_text(json.dumps(results))
