@@ -185,9 +185,9 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
         results.update(_pretrained_rows(distilled, acc, distill_seconds))
     if config.poison_class >= 0:
         results.update(poison)
-        if writer:
-            save_poison_chart(workdir / "poisoning.png", results)
     if writer:
+        if config.poison_class >= 0:
+            save_poison_chart(workdir / "poisoning.png", results)
         write_json(workdir / RESULTS, results)
     return results
 

@@ -100,8 +100,7 @@ def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path, monkeypatch
 
 MULTIHOST_RUN = ["mnist_fixed_init", "--dataset=digits", "--train_subset=256", "--test_subset=100",
                  "--iterations=3", "--real_batch_size=32", "--val_size=0", "--eval_every=2",
-                 "--checkpoint_every=2",
-                 "--log_every=1", "--quiet"]
+                 "--checkpoint_every=2", "--log_every=1", "--quiet"]
 MULTIHOST_TIMEOUT_S = 600
 
 
