@@ -62,6 +62,13 @@ class Row:
         """The rows whose outputs this row reads (named as ``{out}/<row>/`` in its flags)."""
         return [r.name for r in ROWS if any(f"{{out}}/{r.name}/" in f for f in self.flags)]
 
+    @property
+    def files_read(self) -> list[str]:
+        """This row's output files that other rows read (``{out}/<this row>/<file>`` in their
+        flags), e.g. a pool's pool.npz."""
+        prefix = f"{{out}}/{self.name}/"
+        return sorted({f.split(prefix, 1)[1] for r in ROWS for f in r.flags if prefix in f})
+
 
 _RANDOM = (f"--n_eval_nets={PAPER_EVAL_NETS}",)
 _POOL = (f"--pool_size={PAPER_POOL}",)
@@ -142,9 +149,10 @@ def git_commit() -> str | None:
 
 
 def row_state(row: Row, out: Path) -> str:
-    """'done', 'started' (a run directory without results) or 'new'."""
+    """'done' (its results and every file other rows read from it), 'started' (a run directory
+    without them) or 'new'."""
     workdir = out / row.name
-    if (workdir / RESULTS).exists():
+    if all((workdir / f).exists() for f in (RESULTS, *row.files_read)):
         return "done"
     return "started" if (workdir / CONFIG).exists() else "new"
 
