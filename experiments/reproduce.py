@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -163,9 +164,11 @@ def run_row(row: Row, out: Path, overrides: list[str], progress: bool) -> None:
 
     workdir = out / row.name
     _, flags, _ = cli.parse_args([*row.args(out), *overrides, f"--output_dir={workdir}"])
-    # only distillations keep a checkpoint; the other kinds start again
-    resume = (row_state(row, out) == "started"
-              and cli.named_config(row.experiment).get("kind", "distill") == "distill")
+    # only distillations keep a checkpoint; the other kinds start again in an emptied directory
+    started = row_state(row, out) == "started"
+    resume = started and cli.named_config(row.experiment).get("kind", "distill") == "distill"
+    if started and not resume:
+        shutil.rmtree(workdir)
     config, workdir = cli.resolve_config(row.experiment, flags, resume)
     results = run(config, workdir, name=row.experiment, resume=resume, progress=progress)
     print(cli.summary(row.experiment, results, workdir), flush=True)

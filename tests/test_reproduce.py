@@ -71,3 +71,21 @@ def test_list_names_every_row(capsys):
     out = capsys.readouterr().out
     assert all(row.name in out for row in reproduce.ROWS)
     assert "[needs cifar10]" in out
+
+
+def test_pool_without_its_file_runs_again(tmp_path, capsys):
+    """A pool row whose results survived but whose pool.npz (read by other rows) did not is
+    not done: it runs again, from an emptied directory."""
+    pool = tmp_path / "digits_pool"
+    args = ["--only=digits_pool", f"--out={tmp_path}", "--pool_size=2", "--pool_epochs=1",
+            "--test_subset=100"]
+    assert reproduce.main(args) == 0
+    assert (pool / "pool.npz").exists()
+    assert reproduce.main(args) == 0  # done: skipped
+    assert capsys.readouterr().out.count("reproduce: digits_pool") == 1
+
+    (pool / "pool.npz").unlink()
+    row = next(r for r in reproduce.ROWS if r.name == "digits_pool")
+    assert row.files_read == ["pool.npz"] and reproduce.row_state(row, tmp_path) == "started"
+    assert reproduce.main(args) == 0
+    assert (pool / "pool.npz").exists() and "reproduce: digits_pool" in capsys.readouterr().out
