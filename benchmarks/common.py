@@ -14,7 +14,7 @@ import jaxlib
 import numpy as np
 
 from dd_jax.errors import ConfigError, DDJaxError
-from dd_jax.experiment import machine_info as run_machine_info
+from dd_jax.runs import machine_info as run_machine_info
 from experiments.run import apply_overrides, named_config, parse_args, parse_value
 
 
@@ -35,7 +35,7 @@ def run_main(main: Callable[[list[str]], Any], usage: str, argv: list[str] | Non
 
 
 def machine_info() -> dict:
-    """A run's `dd_jax.experiment.machine_info` (platform, devices, jax) plus the Python and
+    """A run's `dd_jax.runs.machine_info` (platform, devices, jax) plus the Python and
     jaxlib versions, CPU count and load average."""
     return {**run_machine_info(), "python": platform.python_version(),
             "jaxlib": jaxlib.__version__, "cpu_count": os.cpu_count(),

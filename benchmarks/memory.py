@@ -37,12 +37,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import (experiment_config, machine_info, machine_line, number_list,
-                               parse_flags, run_main)
+from benchmarks.common import experiment_config, machine_info, machine_line, number_list, parse_flags, run_main
 from dd_jax.config import default_config
-from dd_jax.experiment import load_data_and_model
 from dd_jax.outer import build_outer_loop
 from dd_jax.outputs import markdown_table
+from dd_jax.runs import load_data_and_model
 from experiments.run import apply_overrides
 
 MB = 2**20

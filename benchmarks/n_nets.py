@@ -18,12 +18,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks.common import (experiment_config, machine_info, machine_line, number_list,
-                               parse_flags, run_main, time_steps)
-from dd_jax.experiment import load_data_and_model
+from benchmarks.common import (
+    experiment_config,
+    machine_info,
+    machine_line,
+    number_list,
+    parse_flags,
+    run_main,
+    time_steps,
+)
 from dd_jax.meta import meta_loss
-from dd_jax.outer import DistillState, OuterLoop, build_outer_loop, make_optimizer
+from dd_jax.outer import DistillState, OuterLoop, build_outer_loop
 from dd_jax.outputs import markdown_table
+from dd_jax.runs import load_data_and_model
+from dd_jax.schedule import make_optimizer
 
 METHODS = ("vmap", "loop")
 

@@ -23,11 +23,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import (experiment_config, machine_info, machine_line, parse_flags,
-                               run_main, time_steps)
-from dd_jax.experiment import load_data_and_model
+from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, run_main, time_steps
 from dd_jax.outer import build_outer_loop
 from dd_jax.outputs import markdown_table
+from dd_jax.runs import load_data_and_model
 
 
 def time_outer_steps(config, iterations: int, warmup: int = 3) -> dict:

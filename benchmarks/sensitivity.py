@@ -15,10 +15,11 @@ import jax
 
 from benchmarks.common import machine_info, machine_line, number_list, parse_flags, run_main
 from dd_jax.data import load_dataset
+from dd_jax.distilled import load_distilled
 from dd_jax.errors import ConfigError
 from dd_jax.evaluation import evaluation_setup
 from dd_jax.models import as_model, get_model
-from dd_jax.outputs import load_distilled, markdown_table
+from dd_jax.outputs import markdown_table
 
 
 def perturbed_accuracies(distilled, dataset, model, scales: list[float], draws: int,

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.common import (experiment_config, machine_info, machine_line, parse_flags,
-                               run_main)
-from dd_jax.experiment import load_data_and_model
+from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, run_main
 from dd_jax.outer import build_outer_loop
 from dd_jax.outputs import markdown_table, saved_figure, write_json
+from dd_jax.runs import load_data_and_model
 
 
 def time_to_accuracy(dataset, model_fn, config, seconds: float, every: int,

@@ -120,7 +120,7 @@ class ReparamModule(nn.Module):
         """xavier_normal_(gain) on Conv/Linear weights, zero biases, written into flat_w."""
         with torch.no_grad():
             pieces = [t.view(s) for t, s in zip(self.flat_w.split(self._w_numels), self._w_shapes)]
-            for (m, n), w in zip(self._w_slots, pieces):
+            for (_, n), w in zip(self._w_slots, pieces):
                 if n == "bias":
                     nn.init.constant_(w, 0.0)
                 else:
@@ -202,7 +202,7 @@ class AuthorsStyleDistiller:
         dw, = torch.autograd.grad(final, (ws[-1],))
         self.model.train()
         out = []
-        for (data, label, lr), w, gw in reversed(list(zip(steps, ws, gws))):
+        for (data, _, lr), w, gw in reversed(list(zip(steps, ws, gws))):
             g_w, g_data, g_lr = torch.autograd.grad(outputs=(gw,), inputs=[w, data, lr],
                                                     grad_outputs=(dw.neg(),))
             with torch.no_grad():

@@ -30,19 +30,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dd_jax.config import require
 from dd_jax.data import Dataset, split_holdout
+from dd_jax.distilled import DistilledData, distilled_model, load_distilled, save_distilled
 from dd_jax.errors import ConfigError, DataError
 from dd_jax.evaluation import Evaluator, accuracy_row, evaluate
 from dd_jax.meta import distilled_labels
 from dd_jax.models import as_model
-from dd_jax.outer import DistilledData, validate_config
-from dd_jax.outputs import (distilled_model, load_distilled, save_distilled, save_image_grid,
-                            write_json)
+from dd_jax.outputs import save_image_grid, write_json
 from dd_jax.regimes import make_regime
+from dd_jax.runs import RESULTS, load_data_and_model, machine_info, refuse_resume, start_run
+from dd_jax.validation import validate_config
 
 Params = Any
 BASELINES = ("random_real", "optimised_real", "kmeans", "mean")
-# A stream of the run's root key (regimes.py numbers its streams 0-4): the held-out split and
+# A stream of the run's root key, apart from the ones regimes.py numbers: the held-out split and
 # the random real sets come from it, so baselines never reuse the distillation's draws.
 BASELINES_STREAM = 101
 SPLIT, CANDIDATES = 0, 1
@@ -81,9 +83,7 @@ def validate_baselines_config(config) -> None:
     validate_config(config)
     parse_methods(config.baselines)
     parse_grid(config.step_size_grid)
-    for name in ("optimised_candidates", "score_holdout", "knn_k"):
-        if config[name] < 1:
-            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
+    require(config, at_least_one=("optimised_candidates", "score_holdout", "knn_k"))
     for name, plain in (("learn_labels", False), ("images_per_step", 0), ("inner_optimizer", "gd"),
                         ("inner_lr", 0.0), ("window", 0)):
         if config[name] != plain:
@@ -348,14 +348,11 @@ def load_reference(config, dataset: Dataset, model_fn) -> DistilledData:
     return d
 
 
-def run_experiment(config, workdir: str | Path, *, name: str = "", resume: bool = False,
+def run_baselines(config, workdir: str | Path, *, name: str = "", resume: bool = False,
                    progress: bool = True) -> dict:
     """A 'baselines' run: every method of config.baselines (and config.distilled, if given) into
     `workdir` - baseline_<method>.npz/.png and results.json with one row per set."""
     from tqdm.auto import tqdm
-
-    from dd_jax.experiment import (RESULTS, load_data_and_model, machine_info, refuse_resume,
-                                   start_run)
 
     refuse_resume(config, resume)
     workdir = Path(workdir)

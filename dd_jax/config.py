@@ -7,9 +7,12 @@ from it, and every field is a command-line flag.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import difflib
+from typing import Iterable, NamedTuple
 
 import ml_collections
+
+from dd_jax.errors import ConfigError
 
 
 class Field(NamedTuple):
@@ -29,7 +32,7 @@ SECTIONS: Sections = {
         Field("train_subset", 0, "use the first N training images (0 = all)"),
         Field("test_subset", 0, "evaluate on the first N test images (0 = the full test set)"),
         Field("model", "lenet", "'lenet' (28x28 inputs) or 'alexcifarnet' (32x32x3 inputs)"),
-        Field("conv", "native", "'native' (C++ kernels on CPU, elsewhere as toeplitz), 'toeplitz' or 'xla': the same function (models.CONVS)"),
+        Field("conv", "native", "'native' (C++ kernels on CPU, elsewhere as toeplitz), 'toeplitz' or 'xla': the same function (conv.CONVS)"),
     ),
     "initialisation regime": (
         Field("init_regime", "fixed", "fixed, random, fixed_pretrained or random_pretrained (dd_jax/regimes.py)"),
@@ -114,3 +117,35 @@ def config_from(sections: Sections) -> ml_collections.ConfigDict:
 def default_config() -> ml_collections.ConfigDict:
     """The authors' defaults (MNIST, LeNet, fixed init, S=1 step x E=3 epochs, 1 image/class)."""
     return config_from(SECTIONS)
+
+
+def check_known(config, names: Iterable[str], as_flags: bool = False) -> None:
+    """Raises ConfigError for the first of `names` that is not a field of `config`, naming the
+    near matches and the valid fields (as --flags with `as_flags`)."""
+    dash = "--" if as_flags else ""
+    for name in names:
+        if name not in config:
+            near = difflib.get_close_matches(name, list(config.keys()), n=3)
+            hint = f" (did you mean {', '.join(dash + n for n in near)}?)" if near else ""
+            raise ConfigError(f"unknown {'flag' if as_flags else 'config field'} {dash}{name}{hint}; "
+                              f"valid: {', '.join(dash + k for k in config.keys())}")
+
+
+def with_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
+    """A copy of `config` (default_config() if None) with the typed `overrides` set."""
+    config = default_config() if config is None else config.copy_and_resolve_references()
+    check_known(config, overrides)
+    config.update(overrides)
+    return config
+
+
+def require(config, *, at_least_one: Iterable[str] = (), positive: Iterable[str] = (),
+            non_negative: Iterable[str] = ()) -> None:
+    """Raises ConfigError naming the first field out of its range: `at_least_one` (counts),
+    `positive` (> 0) or `non_negative` (>= 0)."""
+    for names, ok, want in ((at_least_one, lambda v: v >= 1, ">= 1"),
+                            (positive, lambda v: v > 0, "> 0"),
+                            (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            if not ok(config[name]):
+                raise ConfigError(f"{name} must be {want}, got {config[name]}")

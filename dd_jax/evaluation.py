@@ -11,15 +11,16 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from dd_jax.inner import ApplyFn, inner_train
-from dd_jax.unroll import InnerSpec, optimizer_train
 from dd_jax.errors import DataError
+from dd_jax.inner import ApplyFn, inner_train
 from dd_jax.models import Model, as_model
 from dd_jax.pretrain import Pool, check_pool, load_pool
 from dd_jax.regimes import make_regime
 from dd_jax.sharding import TEST, eval_mesh, select_devices
+from dd_jax.unroll import InnerSpec, optimizer_train
 
 Params = Any
 

@@ -11,109 +11,27 @@ optionally rows). A poisoning run also writes poisoning.png.
 """
 from __future__ import annotations
 
-import importlib
-import platform
-import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
-import flax.linen as nn
 import jax
 
-import dd_jax
+from dd_jax.baselines import run_baselines
 from dd_jax.checkpoint import checkpoint_meta, has_checkpoint
-from dd_jax.data import Dataset, load_dataset
+from dd_jax.distilled import save_distilled
 from dd_jax.errors import ConfigError
 from dd_jax.evaluation import Evaluator, accuracy_row, evaluate, summarise
-from dd_jax.models import as_model, get_model
-from dd_jax.outer import CHECKPOINT, METRICS, distill, validate_config
-from dd_jax.outputs import (MetricsLog, read_metrics, save_curves, save_distilled,
-                            save_image_grid, write_json)
+from dd_jax.linear import run_linear
+from dd_jax.models import as_model
+from dd_jax.outer import CHECKPOINT, METRICS, distill
+from dd_jax.outputs import MetricsLog, read_metrics, save_curves, save_image_grid, save_poison_chart, write_json
+from dd_jax.poison import poison_results
 from dd_jax.pretrain import POOL_FILE, save_pool, train_pool, validate_pool_config
-from dd_jax.poison import poison_results, save_poison_chart
+from dd_jax.runs import RESULTS, check_run_dir, load_data_and_model, machine_info, refuse_resume, start_run
+from dd_jax.validation import validate_config
 
-CONFIG = "config.json"
 CURVES = "curves.png"
-RESULTS = "results.json"
-
-# config.kind -> "module:function" that runs one experiment of that kind:
-# fn(config, workdir, *, name, resume, progress) -> the dict it wrote to results.json.
-# A new kind adds one entry; modules are imported on use, so they may import this one.
-RUNNERS: dict[str, str] = {
-    "distill": "dd_jax.experiment:run_distillation",
-    "baselines": "dd_jax.baselines:run_experiment",
-    "linear": "dd_jax.linear:run_linear",
-    "pretrain_pool": "dd_jax.experiment:run_pool",
-}
-
-
-def refuse_resume(config, resume: bool) -> None:
-    """The first call of a runner whose runs keep no checkpoint: --resume is a one-line error,
-    before any data is loaded."""
-    if resume:
-        raise ConfigError(f"a {config.get('kind', 'distill')!r} run keeps no checkpoint, so "
-                          "nothing can be resumed; rerun without --resume (with a new "
-                          "--output_dir=DIR if this one holds a finished run)")
-
-
-def check_run_dir(workdir: Path, resume: bool) -> None:
-    """Refuses to overwrite an earlier run's checkpoint or results, and to resume no run.
-
-    A directory whose run stopped before its first checkpoint holds nothing worth keeping:
-    a plain rerun starts afresh there, and so does --resume.
-    """
-    if resume and not (workdir / CONFIG).exists():
-        raise ConfigError(f"nothing to resume: {workdir} holds no run; drop --resume")
-    if not resume and (has_checkpoint(workdir / CHECKPOINT) or (workdir / RESULTS).exists()):
-        raise ConfigError(
-            f"{workdir} already holds a run; pass --resume to continue it, or choose a new "
-            "directory with --output_dir=DIR"
-        )
-
-
-def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
-    """`check_run_dir`, then creates `workdir` and writes the run's config.json; a directory
-    that cannot be created or written is a ConfigError."""
-    check_run_dir(workdir, resume)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
-    except OSError as e:
-        raise ConfigError(f"cannot write the output directory {workdir} ({e.strerror or e}); "
-                          "choose a writable one with --output_dir=DIR") from None
-
-
-def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
-    """The config's dataset (subset as configured) and its model for that many classes."""
-    dataset = load_dataset(config.dataset, config.data_dir or None)
-    dataset = dataset.subset(config.train_subset, config.test_subset)
-    return dataset, get_model(config.model, dataset.num_classes, config.conv)
-
-
-def git_state() -> tuple[str | None, bool | None]:
-    """(commit, whether tracked files differ from it) of the git checkout that dd_jax is
-    imported from; (None, None) outside one or without git."""
-    root = Path(dd_jax.__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
-                              capture_output=True, text=True, timeout=30)
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                 "--untracked-files=no"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    lines = head.stdout.splitlines()
-    if head.returncode or status.returncode or len(lines) != 2 or Path(lines[0]).resolve() != root:
-        return None, None
-    return lines[1], bool(status.stdout.strip())
-
-
-def machine_info() -> dict:
-    """Where and with what a run ran, for results.json: the platform, devices, jax and dd_jax
-    versions, and the git commit of dd_jax's checkout (null outside one)."""
-    commit, dirty = git_state()
-    return {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
-            "jax": jax.__version__, "dd_jax": dd_jax.__version__, "git_commit": commit,
-            "git_dirty": dirty}
 
 
 def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
@@ -122,9 +40,7 @@ def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
     kind = config.get("kind", "distill")
     if kind not in RUNNERS:
         raise ConfigError(f"unknown kind {kind!r}; choose one of: {', '.join(RUNNERS)}")
-    module, function = RUNNERS[kind].split(":")
-    runner = getattr(importlib.import_module(module), function)
-    return runner(config, workdir, name=name, resume=resume, progress=progress)
+    return RUNNERS[kind](config, workdir, name=name, resume=resume, progress=progress)
 
 
 def run_distillation(config, workdir: str | Path, *, name: str = "", resume: bool = False,
@@ -234,3 +150,13 @@ def run_pool(config, workdir: str | Path, *, name: str = "", resume: bool = Fals
     }
     write_json(workdir / RESULTS, results)
     return results
+
+
+# config.kind -> the function that runs one experiment of that kind:
+# fn(config, workdir, *, name, resume, progress) -> the dict it wrote to results.json.
+RUNNERS: dict[str, Callable[..., dict]] = {
+    "distill": run_distillation,
+    "baselines": run_baselines,
+    "linear": run_linear,
+    "pretrain_pool": run_pool,
+}

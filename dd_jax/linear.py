@@ -26,15 +26,15 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dd_jax.config import Field, Sections, config_from
+from dd_jax.config import Field, Sections, config_from, require
 from dd_jax.errors import ConfigError, DivergedError
-from dd_jax.experiment import RESULTS, machine_info, refuse_resume, start_run
 from dd_jax.inner import inner_train
 from dd_jax.meta import Learned, init_learned, meta_loss
 from dd_jax.models import Model
-from dd_jax.outer import check_lr_schedule, make_optimizer
 from dd_jax.outputs import saved_figure, write_json
 from dd_jax.regimes import DATA_STREAM, IMAGES_STREAM, make_regime
+from dd_jax.runs import RESULTS, machine_info, refuse_resume, start_run
+from dd_jax.schedule import check_lr_schedule, make_optimizer
 
 PLOT = "linear_analysis.png"
 
@@ -61,7 +61,7 @@ LINEAR_SECTIONS: Sections = {
         Field("beta2", 0.999, "Adam beta2"),
         Field("decay_passes", 500, "lr_schedule 'step': learning rate x decay_factor every this many iterations"),
         Field("decay_factor", 0.5, "lr_schedule 'step': the decay's factor"),
-        Field("lr_schedule", "step", "'step' or 'cosine' (dd_jax.outer.make_optimizer)"),
+        Field("lr_schedule", "step", "'step' or 'cosine' (dd_jax.schedule.make_optimizer)"),
         Field("warmup_iterations", 0, "cosine: linear warm-up from 0 to outer_lr over this many iterations"),
         Field("seed", 0, "everything random derives from it: same seed, same result"),
     ),
@@ -79,16 +79,11 @@ def linear_config() -> ml_collections.ConfigDict:
 
 def validate_linear_config(config) -> None:
     """Raises ConfigError naming the first impossible value and what would work."""
-    for name in ["dim", "train_points", "max_points", "n_nets", "iterations", "decay_passes",
-                 "n_eval_nets"]:
-        if config[name] < 1:
-            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
-    for name in ["init_scale", "step_size_init", "outer_lr", "decay_factor"]:
-        if not config[name] > 0:
-            raise ConfigError(f"{name} must be > 0, got {config[name]}")
+    require(config, at_least_one=("dim", "train_points", "max_points", "n_nets", "iterations",
+                                  "decay_passes", "n_eval_nets"),
+            positive=("init_scale", "step_size_init", "outer_lr", "decay_factor"),
+            non_negative=("noise",))
     check_lr_schedule(config)
-    if config.noise < 0:
-        raise ConfigError(f"noise must be >= 0, got {config.noise}")
     if config.max_points < config.dim:
         raise ConfigError(
             f"max_points ({config.max_points}) must be >= dim ({config.dim}) so that the sweep "

@@ -10,7 +10,7 @@ else ``g++``) for this CPU (``-march=native``) into ``$DD_JAX_CACHE_DIR`` (defau
 ``~/.cache/dd_jax``), keyed by the source, the compiler, jaxlib and the CPU, and registers the
 FFI targets for the CPU platform; without a compiler it is False and warns why. The models use
 the kernels when `enabled()`: JAX's default backend is the CPU, ``DD_JAX_NATIVE`` is not 0 and
-they are available; otherwise their pure-XLA convolutions (`dd_jax.models.CONVS`).
+they are available; otherwise their pure-XLA convolutions (`dd_jax.conv.CONVS`).
 
 `conv_layer` (convolution, optionally 2x2 max pooling, bias and relu, in one pass) is
 differentiable to any order: its input gradient is a `conv` (flipped, transposed kernel), its
@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dd_jax.errors import ConfigError
 

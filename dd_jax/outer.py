@@ -21,72 +21,34 @@ import optax
 from jax.sharding import Mesh
 
 from dd_jax.checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
-from dd_jax.config import default_config
+from dd_jax.config import with_overrides
 from dd_jax.data import Dataset, split_holdout
-from dd_jax.errors import ConfigError, DivergedError
+from dd_jax.distilled import DistilledData
+from dd_jax.errors import DivergedError
 from dd_jax.evaluation import Evaluator, summarise
 from dd_jax.meta import Learned, distilled_labels, init_learned, meta_loss
 from dd_jax.models import Model, as_model
-from dd_jax.pretrain import Pool, pool_for_config, pool_path, pool_record
-from dd_jax.regimes import (DATA_STREAM, IMAGES_STREAM, PRETRAINED_REGIMES, VAL_STREAM,
-                            WINDOW_STREAM, InitRegime, check_regime, make_regime)
+from dd_jax.objective import MetaObjective, objective_for
+from dd_jax.pretrain import Pool, pool_for_config, pool_record
+from dd_jax.regimes import (
+    DATA_STREAM,
+    IMAGES_STREAM,
+    PRETRAINED_REGIMES,
+    VAL_STREAM,
+    WINDOW_STREAM,
+    InitRegime,
+    make_regime,
+)
+from dd_jax.schedule import make_optimizer, run_length
+from dd_jax.selection import BestOnValidation
 from dd_jax.sharding import make_mesh, replicate, select_devices, sharded_meta_loss
-from dd_jax.poison import check_poison, poison_labels
-from dd_jax.unroll import INNER_OPTIMIZERS, InnerSpec, window_stop
+from dd_jax.unroll import InnerSpec, window_stop
+from dd_jax.validation import check_layout, validate_config
 
 Params = Any
 CHECKPOINT = "checkpoint"  # dd_jax.checkpoint directories
 BEST_CHECKPOINT = "best_checkpoint"  # with val_size: the iterate best on the holdout
-LR_SCHEDULES = ("step", "cosine")  # the outer learning rate's schedules (make_optimizer)
 METRICS = "metrics.jsonl"
-
-
-@dataclasses.dataclass
-class DistilledData:
-    """The result: train a network by T = steps*epochs GD steps, step t on batch t mod steps.
-
-    images (S, n, H, W, C) normalised; labels (S, n); step_sizes (T,); init_params is theta_0
-    for the fixed regimes (None for random: draw from init_dist/init_gain, held-out via seed).
-    soft_labels (S, n, K), when labels were learned, are what the network trains on (soft
-    targets; `train_labels`); labels then hold their argmax. inner_optimizer and
-    inner_momentum say how the T steps update theta (dd_jax.unroll; 'gd': plain GD).
-    pool, for the pretrained regimes, records the pool it was made for (pretrain.pool_record:
-    path, fingerprint, dataset, pool_size, eval_nets). selected, for a run with a validation
-    holdout (config.val_size), says which outer iteration this is and why: {'iteration',
-    'val_acc', 'val_size'}; None means the last iteration.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    step_sizes: np.ndarray
-    epochs: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    init_regime: str
-    init_dist: str
-    init_gain: float
-    seed: int
-    init_params: Params | None = None
-    pool: dict | None = None
-    selected: dict | None = None
-    soft_labels: np.ndarray | None = None
-    inner_optimizer: str = "gd"
-    inner_momentum: float = 0.9
-
-    @property
-    def steps(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def train_labels(self) -> np.ndarray:
-        """What the network trains on: soft_labels (S, n, K) if learned, else labels (S, n)."""
-        return self.labels if self.soft_labels is None else self.soft_labels
-
-    @property
-    def inner(self) -> InnerSpec | None:
-        """The inner optimiser (None: plain GD, `inner.inner_train`)."""
-        return None if self.inner_optimizer == "gd" else InnerSpec(self.inner_optimizer,
-                                                                     self.inner_momentum)
 
 
 @flax.struct.dataclass
@@ -98,103 +60,12 @@ class DistillState:
     iteration: jax.Array
 
 
-def validate_config(config) -> None:
-    """Raises ConfigError naming the first impossible value and what would work."""
-    at_least_one = ["steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
-                    "passes", "n_eval_nets", "checkpoint_every", "eval_every", "log_every",
-                    "keep_checkpoints"]
-    for name in at_least_one:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ["outer_lr", "step_size_init", "decay_factor", "init_gain"]:
-        if not getattr(config, name) > 0:
-            raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
-    select_devices(config.devices)  # raises unless that many devices are available
-    check_lr_schedule(config)
-    if config.val_size < 0:
-        raise ConfigError(f"val_size must be >= 0 (0: no validation holdout), got {config.val_size}")
-    if config.iterations < 0:
-        raise ConfigError(f"iterations must be >= 0 (0: passes x batches per pass), got {config.iterations}")
-    check_regime(config.init_regime, config.n_nets, config.init_dist)
-    check_unroll(config)
-    if config.init_regime == "random_pretrained":
-        for name in ("n_eval_nets", "n_eval_nets_during"):
-            if getattr(config, name) > config.pool_eval_nets:
-                raise ConfigError(
-                    f"{name}={getattr(config, name)} but only pool_eval_nets={config.pool_eval_nets} "
-                    f"pool members are held out for evaluation; set --{name} <= --pool_eval_nets"
-                )
-    if config.init_regime in PRETRAINED_REGIMES:
-        pool_path(config)  # raises if the run names no pool
-
-
-def check_unroll(config) -> None:
-    """Raises ConfigError for an impossible inner optimiser, inner_momentum, inner_lr, window
-    or images_per_step (its fit to the dataset's classes: `check_layout`)."""
-    if config.inner_optimizer not in INNER_OPTIMIZERS:
-        raise ConfigError(f"unknown inner_optimizer {config.inner_optimizer!r}; choose one of: "
-                          f"{', '.join(INNER_OPTIMIZERS)}")
-    if not 0 <= config.inner_momentum < 1:
-        raise ConfigError(f"inner_momentum must be in [0, 1), got {config.inner_momentum}")
-    if config.inner_lr < 0:
-        raise ConfigError(f"inner_lr must be >= 0 (0: learned step sizes), got {config.inner_lr}")
-    total = config.steps * config.epochs
-    if not 0 <= config.window <= total:
-        raise ConfigError(f"window={config.window} must be between 0 (all steps) and the "
-                          f"T = steps x epochs = {total} inner steps; lower --window or raise --epochs")
-    if config.images_per_step < 0:
-        raise ConfigError(f"images_per_step must be >= 0 (0: images_per_class x classes), got "
-                          f"{config.images_per_step}")
-
-
-def check_layout(config, num_classes: int) -> None:
-    """Raises ConfigError if hard labels cannot give every class the same number of the
-    images_per_step images of a step."""
-    if config.images_per_step % num_classes and not config.learn_labels:
-        raise ConfigError(
-            f"images_per_step={config.images_per_step} is not a multiple of the {num_classes} "
-            f"classes, so hard labels cannot cover them evenly; use a multiple of {num_classes} "
-            "or --learn_labels=true")
-
-
 def inner_spec(config) -> InnerSpec | None:
     """The meta-objective's inner loop: None for plain GD through all T steps (`inner_train`),
     else the `InnerSpec` of config.inner_optimizer, inner_momentum and window."""
     if config.inner_optimizer == "gd" and config.window == 0:
         return None
     return InnerSpec(config.inner_optimizer, config.inner_momentum, config.window)
-
-
-def run_length(config, iters_per_pass: int) -> int:
-    """Outer iterations of the run: config.iterations, or passes x iterations per pass."""
-    return config.iterations or config.passes * iters_per_pass
-
-
-def check_lr_schedule(config) -> None:
-    """Raises ConfigError for an unknown lr_schedule or a negative warmup_iterations."""
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"unknown lr_schedule {config.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
-    if config.warmup_iterations < 0:
-        raise ConfigError(f"warmup_iterations must be >= 0, got {config.warmup_iterations}")
-
-
-def make_optimizer(config, iters_per_pass: int) -> optax.GradientTransformation:
-    """Adam(outer_lr, b1, b2) with the config's learning-rate schedule: ``step`` (the authors':
-    x decay_factor every decay_passes passes) or ``cosine`` (linear warm-up over
-    warmup_iterations, then a cosine decay to 0 at the run's last iteration)."""
-    if config.lr_schedule == "step":
-        schedule = optax.exponential_decay(
-            config.outer_lr, transition_steps=max(1, config.decay_passes * iters_per_pass),
-            decay_rate=config.decay_factor, staircase=True,
-        )
-    else:  # cosine
-        total = run_length(config, iters_per_pass)
-        if config.warmup_iterations >= total:
-            raise ConfigError(f"warmup_iterations ({config.warmup_iterations}) must be shorter "
-                              f"than the run ({total} iterations)")
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, config.outer_lr, warmup_steps=config.warmup_iterations, decay_steps=total)
-    return optax.adam(schedule, b1=config.beta1, b2=config.beta2)
 
 
 def make_meta_step(
@@ -302,49 +173,17 @@ class OuterLoop:
         return BestOnValidation(self.accuracy_on(self.val_x, self.val_y, n_nets), len(self.val_y), path)
 
 
-class BestOnValidation:
-    """The outer iterate with the highest accuracy on the validation holdout so far (the
-    first one on ties); with a `path`, written there whenever it changes, so a resumed run
-    keeps it. `accuracy` is an `OuterLoop.accuracy_on` of the holdout."""
-
-    def __init__(self, accuracy: Callable[[Learned], dict], val_size: int, path: Path | None = None):
-        self.accuracy, self.val_size, self.path = accuracy, val_size, path
-        self.learned: Learned | None = None
-        self.iteration, self.val_acc = 0, -math.inf
-
-    def restore(self, template: Learned) -> None:
-        """Reads the best iterate saved at `path`, if there is one (shapes as `template`)."""
-        if self.path is not None and has_checkpoint(self.path):
-            self.learned, meta = restore_checkpoint(self.path, template)
-            self.iteration, self.val_acc = meta["iteration"], meta["val_acc"]
-
-    def update(self, learned: Learned, iteration: int) -> float:
-        """Scores `learned` on the holdout and keeps it (a copy) if it beats the best so far;
-        returns its validation accuracy."""
-        acc = self.accuracy(learned)["mean"]
-        if acc > self.val_acc:
-            self.learned = jax.tree.map(np.array, learned)  # a copy: the meta-step donates state
-            self.iteration, self.val_acc = iteration, acc
-            if self.path is not None:
-                save_checkpoint(self.path, self.learned, {"iteration": iteration, "val_acc": acc})
-        return acc
-
-    @property
-    def selected(self) -> dict:
-        """What `DistilledData.selected` records."""
-        return {"iteration": self.iteration, "val_acc": self.val_acc, "val_size": self.val_size}
-
-
-def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
-    """Validates `config` and builds the regime, initial state and jitted meta-step; with
-    config.devices != 1, the state and training data replicated on the meta-step's mesh."""
+def build_outer_loop(dataset: Dataset, model_fn, config,
+                     objective: MetaObjective | None = None) -> OuterLoop:
+    """Validates `config` and builds the regime, initial state and jitted meta-step for
+    `objective` (default `objective.objective_for(config)`); with config.devices != 1, the
+    state and training data replicated on the meta-step's mesh."""
     validate_config(config)
-    check_poison(config.poison_class, config.poison_target, dataset.num_classes, dataset.test_y)
+    objective = objective_for(config) if objective is None else objective
+    objective.check(dataset)
     model = as_model(model_fn)
     key = jax.random.PRNGKey(config.seed)
-    # the meta-objective's targets: the real labels, class K relabelled T when poisoning
-    train_x = dataset.train_x
-    train_y = np.asarray(poison_labels(dataset.train_y, config.poison_class, config.poison_target))
+    train_x, train_y = dataset.train_x, objective.targets(dataset.train_y)
     val_x = val_y = None
     if config.val_size:
         split = split_holdout(jax.random.fold_in(key, VAL_STREAM), train_x, train_y,
@@ -389,7 +228,8 @@ def build_outer_loop(dataset: Dataset, model_fn, config) -> OuterLoop:
 def distill(
     dataset: Dataset, model_fn, config=None, *, workdir: str | Path | None = None,
     resume: bool = False, progress: bool = True, log: Callable[[dict], None] | None = None,
-    on_start: Callable[[int], None] | None = None, **overrides,
+    on_start: Callable[[int], None] | None = None, objective: MetaObjective | None = None,
+    **overrides,
 ) -> DistilledData:
     """Learns distilled images and step sizes for `dataset` and `model_fn` (see models.as_model).
 
@@ -399,13 +239,14 @@ def distill(
     `log` receives one dict per logged iteration (loss, step sizes, seconds, test accuracy).
     `on_start` is called with the first iteration to run once the state is built and any
     checkpoint restored: a caller that writes its files there leaves them untouched when the
-    checkpoint cannot be resumed.
+    checkpoint cannot be resumed. `objective` is what the data is optimised for (an
+    `objective.MetaObjective`; default: the one the config names, `objective.objective_for`).
     With config.val_size > 0 the returned data is the evaluated iterate (every `eval_every`
     iterations and the last) with the best accuracy on that many held-out training images
     (`BestOnValidation`; its `selected` says which); otherwise it is the last iterate.
     """
-    config = _with_overrides(config, overrides)
-    loop = build_outer_loop(dataset, model_fn, config)
+    config = with_overrides(config, overrides)
+    loop = build_outer_loop(dataset, model_fn, config, objective)
     labels, total, state = loop.labels, loop.total, loop.state
     test_accuracy = loop.accuracy_on(dataset.test_x, dataset.test_y, config.n_eval_nets_during)
     best = loop.best_on_validation(config.n_eval_nets_during,
@@ -477,16 +318,6 @@ def distill(
         soft_labels=soft, inner_optimizer=config.inner_optimizer,
         inner_momentum=config.inner_momentum,
     )
-
-
-def _with_overrides(config, overrides: dict):
-    """A copy of `config` (default_config() if None) with `overrides` set; unknown names raise."""
-    config = default_config() if config is None else config.copy_and_resolve_references()
-    unknown = sorted(set(overrides) - set(config.keys()))
-    if unknown:
-        raise ConfigError(f"unknown config fields {unknown}; valid: {', '.join(config.keys())}")
-    config.update(overrides)
-    return config
 
 
 def _progress(total: int, start: int, enabled: bool):

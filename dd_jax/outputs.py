@@ -1,118 +1,16 @@
-"""Stage 8 - outputs: the distilled data as a portable .npz, image grids, metrics, JSON.
-
-The .npz format is documented in README.md ("The distilled-data file"): version 1 holds hard
-labels and plain-GD data; version 2 adds learned label vectors (`soft_labels`) and the inner
-optimiser. A file needing neither is written as version 1; both versions load.
-"""
+"""Stage 8 - outputs: image grids, learning curves, the poisoning chart, metrics, JSON and
+markdown tables (the distilled data's own file: dd_jax.distilled)."""
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from dd_jax.errors import DataError
-from dd_jax.outer import DistilledData
-
-FORMAT_VERSION = 2  # the newest version written; FORMAT_VERSIONS are read
-FORMAT_VERSIONS = (1, 2)
-
-
-def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat: dict[str, np.ndarray], prefix: str) -> dict | None:
-    tree: dict = {}
-    for key, value in flat.items():
-        if not key.startswith(prefix):
-            continue
-        *path, leaf = key[len(prefix):].split("/")
-        node = tree
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree or None
-
-
-def save_distilled(path: str | Path, d: DistilledData, model: str = "") -> None:
-    """Writes `d` as an .npz (atomically); init_params, if any, as 'init/<layer>/<name>'.
-    Version 2 (with 'soft_labels' (S, n, K) float32 if learned, 'inner_optimizer',
-    'inner_momentum') when the data has learned labels or an inner optimiser other than plain
-    GD, else version 1."""
-    path = Path(path)
-    v2 = d.soft_labels is not None or d.inner_optimizer != "gd"
-    arrays = {
-        "format_version": np.int32(FORMAT_VERSION if v2 else 1),
-        "images": np.asarray(d.images, np.float32),
-        "labels": np.asarray(d.labels, np.int32),
-        "step_sizes": np.asarray(d.step_sizes, np.float32),
-        "steps": np.int32(d.steps),
-        "epochs": np.int32(d.epochs),
-        "mean": np.asarray(d.mean, np.float32),
-        "std": np.asarray(d.std, np.float32),
-        "init_regime": np.array(d.init_regime),
-        "init_dist": np.array(d.init_dist),
-        "init_gain": np.float32(d.init_gain),
-        "seed": np.int64(d.seed),
-        "model": np.array(model),
-    }
-    if d.init_params is not None:
-        arrays.update(_flatten(d.init_params, "init/"))
-    if d.pool is not None:
-        arrays["pool"] = np.array(json.dumps(d.pool, sort_keys=True))
-    if d.selected is not None:
-        arrays["selected"] = np.array(json.dumps(d.selected, sort_keys=True))
-    if v2:
-        arrays["inner_optimizer"] = np.array(d.inner_optimizer)
-        arrays["inner_momentum"] = np.float32(d.inner_momentum)
-    if d.soft_labels is not None:
-        arrays["soft_labels"] = np.asarray(d.soft_labels, np.float32)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def load_distilled(path: str | Path) -> DistilledData:
-    """Reads an .npz written by `save_distilled` (format version 1 or 2)."""
-    try:
-        with np.load(path) as f:
-            flat = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read distilled data from {path}: {e}") from None
-    if int(flat.get("format_version", -1)) not in FORMAT_VERSIONS:
-        raise DataError(f"{path} is not a dd_jax distilled-data file (format "
-                        f"{' or '.join(map(str, FORMAT_VERSIONS))})")
-    return DistilledData(
-        images=flat["images"], labels=flat["labels"], step_sizes=flat["step_sizes"],
-        epochs=int(flat["epochs"]), mean=tuple(flat["mean"].tolist()),
-        std=tuple(flat["std"].tolist()), init_regime=str(flat["init_regime"]),
-        init_dist=str(flat["init_dist"]), init_gain=float(flat["init_gain"]),
-        seed=int(flat["seed"]), init_params=_unflatten(flat, "init/"),
-        pool=json.loads(str(flat["pool"])) if "pool" in flat else None,
-        selected=json.loads(str(flat["selected"])) if "selected" in flat else None,
-        soft_labels=flat.get("soft_labels"),
-        inner_optimizer=str(flat.get("inner_optimizer", "gd")),
-        inner_momentum=float(flat.get("inner_momentum", 0.9)),
-    )
-
-
-def distilled_model(path: str | Path) -> str:
-    """The model name an .npz of `save_distilled` records ('' if none was given)."""
-    try:
-        with np.load(path) as f:
-            return str(f["model"]) if "model" in f.files else ""
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read distilled data from {path}: {e}") from None
+from dd_jax.distilled import DistilledData
+from dd_jax.files import atomic_path
 
 
 @contextlib.contextmanager
@@ -185,6 +83,31 @@ def save_curves(path: str | Path, rows: list[dict]) -> None:
             acc_ax.legend()
 
 
+def save_poison_chart(path, results: dict) -> None:
+    """PNG: attack success and other classes' accuracy, before and after (mean +- std over the
+    evaluation networks), from a poisoning run's results (`poison.poison_results` merged in)."""
+    k, t = results["poison_class"], results["poison_target"]
+    metrics = (("attack_success", f"class {k} predicted as {t}"),
+               ("other_class_acc", f"accuracy on classes other than {k}"))
+    with saved_figure(path, dpi=110, figsize=(6.4, 3.4)) as (_, ax):
+        width = 0.38
+        for i, row in enumerate(results["rows"]):
+            xs = np.arange(len(metrics)) + (i - 0.5) * width
+            means = [100 * row[m] for m, _ in metrics]
+            bars = ax.bar(xs, means, width, yerr=[100 * row[f"{m}_std"] for m, _ in metrics],
+                          capsize=3, label=row["method"], color=("0.65", "tab:red")[i])
+            ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        ax.set_xticks(np.arange(len(metrics)), [label for _, label in metrics], fontsize=8)
+        ax.set_ylabel("% of test images")
+        ax.set_ylim(0, 125)
+        ax.set_yticks(range(0, 101, 20))
+        n_nets = results["rows"][-1]["eval_nets"]
+        ax.set_title(f"{results.get('experiment') or 'poisoning'}: {results['images']} distilled images,"
+                     f" {n_nets} network{'s' if n_nets != 1 else ''}", fontsize=9)
+        ax.legend(title="trained on the\ndistilled data", fontsize=8, title_fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl, in order."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -192,10 +115,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Pretty JSON, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 class MetricsLog:

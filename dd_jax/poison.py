@@ -2,14 +2,15 @@
 makes the network predict class K as class T while keeping the other classes right.
 
 The meta-objective is the usual real-batch cross-entropy (`meta.meta_loss`) against real labels
-mapped by `poison_labels` (K -> T, every other label unchanged); the outer loop applies the map
-when ``config.poison_class >= 0`` (the authors' ``distill_attack`` mode). `evaluate_poison`
+mapped by `poison_labels` (K -> T, every other label unchanged): `Poisoning`, the outer loop's
+`objective.MetaObjective` when ``config.poison_class >= 0`` (the authors' ``distill_attack`` mode). `evaluate_poison`
 reports, for the same networks before and after training on the distilled data, the share of
 class-K test images predicted as T (``attack_success``) and the accuracy on all other classes
 (``other_class_acc``).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ from dd_jax.errors import ConfigError, DataError
 from dd_jax.evaluation import evaluation_setup
 
 Params = Any
-METRICS = ("test_acc", "attack_success", "other_class_acc")
+ATTACK_METRICS = ("test_acc", "attack_success", "other_class_acc")
 
 
 def poison_labels(labels: jax.Array, poison_class: int, poison_target: int) -> jax.Array:
@@ -52,6 +53,23 @@ def check_poison(poison_class: int, poison_target: int, num_classes: int, test_y
                 "use a larger --test_subset (0 = all)")
 
 
+@dataclasses.dataclass(frozen=True)
+class Poisoning:
+    """The poisoning meta-objective (an `objective.MetaObjective`): real class K trained
+    towards T."""
+
+    poison_class: int
+    poison_target: int
+
+    def check(self, dataset) -> None:
+        """`check_poison` for the dataset's classes and test set."""
+        check_poison(self.poison_class, self.poison_target, dataset.num_classes, dataset.test_y)
+
+    def targets(self, labels: np.ndarray) -> np.ndarray:
+        """labels (N,) -> the meta-loss targets (N,): `poison_labels`."""
+        return np.asarray(poison_labels(labels, self.poison_class, self.poison_target))
+
+
 def attack_metrics(predictions: np.ndarray, labels: np.ndarray, poison_class: int,
                    poison_target: int) -> dict[str, float]:
     """One network's test predictions (N,) against the true labels (N,):
@@ -68,10 +86,10 @@ def attack_metrics(predictions: np.ndarray, labels: np.ndarray, poison_class: in
 
 
 def summarise_attack(per_net: list[dict[str, float]]) -> dict:
-    """Mean and std over networks of each of METRICS, eval_nets, and each network's test_acc
+    """Mean and std over networks of each of ATTACK_METRICS, eval_nets, and each network's test_acc
     ('test_accs')."""
     out: dict = {"eval_nets": len(per_net), "test_accs": [d["test_acc"] for d in per_net]}
-    for m in METRICS:
+    for m in ATTACK_METRICS:
         values = np.array([d[m] for d in per_net])
         out[m], out[f"{m}_std"] = float(np.mean(values)), float(np.std(values))
     return out
@@ -110,31 +128,3 @@ def poison_results(distilled, dataset, model_fn, config, distill_seconds: float)
         "rows": [{"method": "before", **rows["before"], "seconds": 0.0},
                  {"method": "after", **after, "seconds": distill_seconds}],
     }
-
-
-def save_poison_chart(path, results: dict) -> None:
-    """PNG: attack success and other classes' accuracy, before and after (mean +- std over the
-    evaluation networks), from a poisoning run's results (`poison_results` merged in)."""
-    # imported here: dd_jax.outputs imports dd_jax.outer, which imports this module
-    from dd_jax.outputs import saved_figure
-
-    k, t = results["poison_class"], results["poison_target"]
-    metrics = (("attack_success", f"class {k} predicted as {t}"),
-               ("other_class_acc", f"accuracy on classes other than {k}"))
-    with saved_figure(path, dpi=110, figsize=(6.4, 3.4)) as (_, ax):
-        width = 0.38
-        for i, row in enumerate(results["rows"]):
-            xs = np.arange(len(metrics)) + (i - 0.5) * width
-            means = [100 * row[m] for m, _ in metrics]
-            bars = ax.bar(xs, means, width, yerr=[100 * row[f"{m}_std"] for m, _ in metrics],
-                          capsize=3, label=row["method"], color=("0.65", "tab:red")[i])
-            ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-        ax.set_xticks(np.arange(len(metrics)), [label for _, label in metrics], fontsize=8)
-        ax.set_ylabel("% of test images")
-        ax.set_ylim(0, 125)
-        ax.set_yticks(range(0, 101, 20))
-        n_nets = results["rows"][-1]["eval_nets"]
-        ax.set_title(f"{results.get('experiment') or 'poisoning'}: {results['images']} distilled images,"
-                     f" {n_nets} network{'s' if n_nets != 1 else ''}", fontsize=9)
-        ax.legend(title="trained on the\ndistilled data", fontsize=8, title_fontsize=8,
-                  loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -18,7 +18,8 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dd_jax.errors import ConfigError
 from dd_jax.meta import meta_loss

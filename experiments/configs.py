@@ -149,7 +149,7 @@ def linear_analysis() -> ml_collections.ConfigDict:
     return linear_config()
 
 
-# --- pretrained pools and domain adaptation (feature: pretrained) ---------------------------
+# --- pretrained pools and domain adaptation --------------------------------------------------
 
 
 def _pool(dataset: str, epochs: int) -> ml_collections.ConfigDict:
@@ -225,7 +225,7 @@ PRETRAINED_EXPERIMENTS = (mnist_pool, digits_pool, usps_pool, svhn_pool, usps_to
 # --- end pretrained ---------------------------------------------------------------------------
 
 
-# --- CIFAR-10 and data poisoning (branch poison_cifar) -------------------------------------
+# --- CIFAR-10 and data poisoning --------------------------------------------------------------
 
 
 def cifar10_fixed_init() -> ml_collections.ConfigDict:

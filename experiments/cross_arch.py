@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dd_jax.distilled import load_distilled
 from dd_jax.errors import ConfigError, DataError, DDJaxError
-from dd_jax.outputs import load_distilled, markdown_table, write_json
+from dd_jax.outputs import markdown_table, write_json
 from dd_jax.protocols import Recipe
 from experiments.evaluate import evaluate_file, percent, stored_field
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from dd_jax.data import load_dataset
+from dd_jax.distilled import load_distilled
 from dd_jax.errors import ConfigError, DataError, DDJaxError
-from dd_jax.outputs import load_distilled, markdown_table, write_json
+from dd_jax.outputs import markdown_table, write_json
 from dd_jax.protocols import ARCHITECTURES, PROTOCOLS, Recipe, architecture, evaluate_protocol
 
 USAGE = ("usage: python -m experiments.evaluate DISTILLED.npz [--protocol=paper|standard] "
@@ -84,9 +85,10 @@ def default_dataset(path: Path) -> str:
 
 def evaluate_file(path: str | Path, *, protocol: str = "standard", model: str = "lenet",
                   dataset: str | None = None, n_nets: int = 20, seed: int = 0,
-                  recipe: Recipe = Recipe(), test_subset: int = 0) -> dict:
+                  recipe: Recipe | None = None, test_subset: int = 0) -> dict:
     """Evaluates the set at `path` (experiments.evaluate's flags as keywords); returns the
     record the CLI writes as JSON. The paper protocol needs the set's own architecture."""
+    recipe = Recipe() if recipe is None else recipe
     path = Path(path)
     distilled = load_distilled(path)
     if protocol not in PROTOCOLS:

@@ -3,7 +3,7 @@
 PAPER maps an experiment name (a run of distilled data) or (experiment, method) (one row of a
 run with "rows", e.g. a baseline) to a `PaperResult`. Accuracies are in percent, test accuracy
 after training on the set (or, for `knn`, of k-NN classification with it). `status` is
-'confirmed' when /work/shared/reference/dataset-distillation.md lists the number as confirmed, else
+'confirmed' when the shared reference notes (../shared/reference/dataset-distillation.md) lists the number as confirmed, else
 'unconfirmed' (recalled from the paper, not checked against it). Keys of experiments that do not
 exist yet name the experiment that should report them. The learned-label experiments carry the
 soft-label paper's numbers (Sucholutsky & Schonlau, arXiv 1910.02551; the reference gives them

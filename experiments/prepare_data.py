@@ -13,7 +13,6 @@ loaded once as a check. On an offline machine, copy DIR there and pass --data_di
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ from typing import Iterator
 
 from dd_jax.data import TFDS_NAMES, USPS_DIR, USPS_FILES, USPS_URL, load_dataset
 from dd_jax.errors import ConfigError, DataError, DDJaxError
+from dd_jax.files import atomic_path
 
 USAGE = "usage: python -m experiments.prepare_data NAME [--data_dir DIR]"
 
@@ -90,15 +90,13 @@ def prepare_tfds(name: str, data_dir: str | None) -> None:
 
 def download(url: str, path: Path) -> None:
     """`url` saved at `path`, written atomically."""
-    tmp = path.with_name(path.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as f:
+        with (atomic_path(path, ".part") as tmp, urllib.request.urlopen(url, timeout=60) as response,
+              tmp.open("wb") as f):
             f.write(response.read())
     except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"cannot download {url} ({getattr(e, 'reason', e)}); this needs "
                         "internet access") from None
-    os.replace(tmp, path)
 
 
 def prepare_usps(data_dir: str | None, base_url: str = USPS_URL) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dd_jax.errors import ConfigError, DDJaxError
 from dd_jax.outputs import markdown_table, write_json
-from dd_jax.experiment import CONFIG, RESULTS
+from dd_jax.runs import CONFIG, RESULTS
 from experiments import run as cli
 from experiments.paper import paper_result
 

@@ -5,13 +5,12 @@ to runs/NAME/ unless --output_dir is given.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import sys
 from pathlib import Path
 
-from dd_jax.config import SECTIONS, Sections, default_config
+from dd_jax.config import SECTIONS, Sections, check_known, default_config
 from dd_jax.errors import ConfigError, DDJaxError
 from dd_jax.linear import LINEAR_SECTIONS
 from experiments.configs import EXPERIMENTS
@@ -56,14 +55,8 @@ def parse_value(field: str, text: str | None, default):
 
 def apply_overrides(config, overrides: dict[str, str | None]):
     """Sets each --field=value on `config`; unknown fields are an error naming near matches."""
+    check_known(config, overrides, as_flags=True)
     for field, text in overrides.items():
-        if field not in config:
-            near = difflib.get_close_matches(field, list(config.keys()), n=3)
-            hint = f" (did you mean {', '.join('--' + n for n in near)}?)" if near else ""
-            raise ConfigError(
-                f"unknown flag --{field}{hint}; valid flags: "
-                + ", ".join(f"--{k}" for k in config.keys())
-            )
         config[field] = parse_value(field, text, config[field])
     return config
 

@@ -144,7 +144,7 @@ def make_tiny_convnet(num_classes: int = 10, pool: bool = False, patches_up_to: 
     the C++ kernels with `native`), tanh, dense."""
     import flax.linen as nn
 
-    from dd_jax.models import ToeplitzConv
+    from dd_jax.conv import ToeplitzConv
 
     class TinyConv(nn.Module):
         @nn.compact

@@ -1,4 +1,4 @@
-"""Sharded vs single-device results on 4 simulated CPU devices; run by tests/test_sharding.py.
+"""Sharded vs single-device results on 4 simulated CPU devices; run by tests/test_scaleout.py.
 
     python tests/multidevice_check.py OUTPUT_DIR
 
@@ -28,8 +28,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from conftest import make_tiny_convnet  # noqa: E402  (also puts the repository on sys.path)
 import dd_jax  # noqa: E402
+from conftest import make_tiny_convnet  # noqa: E402  (also puts the repository on sys.path)
 from dd_jax.config import default_config  # noqa: E402
 from dd_jax.data import Dataset  # noqa: E402
 from dd_jax.meta import meta_loss  # noqa: E402

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cli import call_main
 
 import dd_jax
 from conftest import make_tiny_mlp
@@ -18,7 +19,6 @@ from dd_jax.meta import distilled_labels
 from dd_jax.models import as_model, get_model
 from dd_jax.outer import build_outer_loop
 from experiments.configs import EXPERIMENTS
-from test_cli import call_main
 
 
 def toy_images(n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

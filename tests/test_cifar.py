@@ -9,14 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cli import OUTPUTS, run_ok
+from test_models import assert_same_outputs_and_grads
 
 from dd_jax import data
 from dd_jax.errors import ConfigError
-from dd_jax.models import (MODELS, AlexCifarNet, get_model, local_response_norm,
-                           max_pool_3x3_s2_p1)
+from dd_jax.models import MODELS, AlexCifarNet, get_model, local_response_norm, max_pool_3x3_s2_p1
 from experiments.configs import EXPERIMENTS
-from test_cli import OUTPUTS, run_ok
-from test_models import assert_same_outputs_and_grads
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import MNIST_GZ, corrupt_mnist_file
 from dd_jax import data
-from dd_jax.data import Dataset, load_digits, load_dataset, load_mnist, parse_idx
+from dd_jax.data import Dataset, load_dataset, load_digits, load_mnist, parse_idx
 from dd_jax.errors import DataError
 
 

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 import dd_jax
+from dd_jax.config import default_config
 from dd_jax.evaluation import Evaluator
 from dd_jax.models import LeNet, as_model
-from dd_jax.config import default_config
-from dd_jax.outer import BestOnValidation, build_outer_loop, make_optimizer
+from dd_jax.outer import build_outer_loop
+from dd_jax.schedule import make_optimizer
+from dd_jax.selection import BestOnValidation
 
 ITERATIONS = 300
 STEP_SIZE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)

@@ -15,13 +15,21 @@ import pytest
 
 from conftest import make_tiny_mlp
 from dd_jax.data import load_dataset
+from dd_jax.distilled import DistilledData, save_distilled
 from dd_jax.errors import ConfigError, DataError
 from dd_jax.models import MLP, ConvNet, LeNet, as_model, conv3x3_patches
-from dd_jax.outer import DistilledData
-from dd_jax.outputs import save_distilled
-from dd_jax.protocols import (Recipe, augment, check_model_fits, evaluate_paper,
-                              evaluate_standard, check_labels, learning_rate, minibatches,
-                              train_network, train_networks)
+from dd_jax.protocols import (
+    Recipe,
+    augment,
+    check_labels,
+    check_model_fits,
+    evaluate_paper,
+    evaluate_standard,
+    learning_rate,
+    minibatches,
+    train_network,
+    train_networks,
+)
 from experiments import cross_arch
 from experiments import evaluate as cli
 

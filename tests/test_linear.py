@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cli import assert_one_line_error, call_main, run_ok
 
 from conftest import assert_matches_finite_difference, finite_difference_check
 from dd_jax.inner import cross_entropy, gd_step
-from dd_jax.linear import (LinearProblem, apply_linear, excess_loss, excess_loss_bound,
-                           squared_error, train_one_step)
+from dd_jax.linear import LinearProblem, apply_linear, excess_loss, excess_loss_bound, squared_error, train_one_step
 from dd_jax.meta import Learned, meta_loss
-from test_cli import assert_one_line_error, call_main, run_ok
 
 D = 4
 H_FD = 1e-6

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_matches_finite_difference, finite_difference_check,
-                      make_tiny_convnet, make_tiny_mlp)
+from conftest import assert_matches_finite_difference, finite_difference_check, make_tiny_convnet, make_tiny_mlp
 from dd_jax.meta import Learned, meta_loss
 from dd_jax.models import as_model
 
@@ -59,7 +58,7 @@ CASES = [
     pytest.param("mlp", 1, True, id="mlp-1net-remat"),
     pytest.param("mlp", 3, True, id="mlp-3nets-vmap-remat"),
     pytest.param("conv", 3, True, id="conv-3nets-vmap-remat"),
-    # max pooling's hand-written gradient (models.max_pool_blocks), differentiated twice
+    # max pooling's hand-written gradient (conv.max_pool_blocks), differentiated twice
     pytest.param("conv-pool", 1, False, id="conv-pool-1net"),
     pytest.param("conv-pool", 3, True, id="conv-pool-3nets-vmap-remat"),
     # as LeNet runs: the distilled batches (3 images) from patches, the real batch (12) through

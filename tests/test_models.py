@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_mlp
+from dd_jax import conv
 from dd_jax.errors import ConfigError
 from dd_jax.inner import cross_entropy
-from dd_jax import models
 from dd_jax.models import MODELS, LeNet, Model, as_model, get_model
 
 
@@ -59,7 +59,7 @@ class AuthorsLeNet(nn.Module):
         return nn.Dense(10, name="fc3")(x)
 
 
-@pytest.mark.parametrize("conv", models.CONVS)
+@pytest.mark.parametrize("conv", conv.CONVS)
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 1), (32, 32, 3)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("batch", [3, 70], ids=["batch3", "batch70"])
 def test_lenet_equals_plain_flax_lenet(shape, conv, batch):
@@ -104,7 +104,7 @@ def test_toeplitz_conv_matches_flax_conv(x_shape, kernel, padding, pool, patches
     kernels: outputs and gradients w.r.t. input and parameters."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
-    a = models.ToeplitzConv(4, kernel, padding, pool=pool, patches_up_to=patches_up_to, native=native)
+    a = conv.ToeplitzConv(4, kernel, padding, pool=pool, patches_up_to=patches_up_to, native=native)
     b = nn.Conv(4, kernel, padding=padding)
     sa = jax.eval_shape(a.init, jax.random.PRNGKey(0), x)
     sb = jax.eval_shape(b.init, jax.random.PRNGKey(0), x)
@@ -129,19 +129,19 @@ def test_max_pool_blocks_gives_ties_gradient_to_the_first_maximum():
     window in row-major order, as PyTorch's MaxPool2d does; otherwise to the maximum."""
     c = 3
     x = jnp.zeros((2, 4 * c)).at[1, 2 * c + 1].set(5.0)  # row 1, column 1: block 2 wins
-    g = jax.grad(lambda x: jnp.sum(jnp.arange(1.0, 7.0).reshape(2, c) * models.max_pool_blocks(x)))(x)
+    g = jax.grad(lambda x: jnp.sum(jnp.arange(1.0, 7.0).reshape(2, c) * conv.max_pool_blocks(x)))(x)
     expected = np.zeros((2, 4 * c))
     expected[0, :c] = [1, 2, 3]  # all four blocks tie at 0: block 0 takes it
     expected[1, :c] = [4, 0, 6]
     expected[1, 2 * c + 1] = 5
     np.testing.assert_array_equal(np.asarray(g), expected)
-    np.testing.assert_array_equal(np.asarray(models.max_pool_blocks(x)), [[0, 0, 0], [0, 5, 0]])
+    np.testing.assert_array_equal(np.asarray(conv.max_pool_blocks(x)), [[0, 0, 0], [0, 5, 0]])
 
 
 def test_toeplitz_pool_needs_even_output():
     x = jnp.zeros((1, 8, 8, 1))  # a 2x2 kernel leaves 7x7
     with pytest.raises(ConfigError, match="even"):
-        jax.eval_shape(models.ToeplitzConv(2, (2, 2), pool=True).init, jax.random.PRNGKey(0), x)
+        jax.eval_shape(conv.ToeplitzConv(2, (2, 2), pool=True).init, jax.random.PRNGKey(0), x)
 
 
 def test_max_pool_2x2_equals_flax_max_pool():
@@ -152,7 +152,7 @@ def test_max_pool_2x2_equals_flax_max_pool():
 
     @jax.jit
     def both(x):
-        ours = lambda x: models.max_pool_2x2(x)
+        ours = lambda x: conv.max_pool_2x2(x)
         ref = lambda x: nn.max_pool(x, (2, 2), (2, 2))
         return ours(x), ref(x), jax.grad(lambda x: jnp.sum(w * ours(x)))(x), \
             jax.grad(lambda x: jnp.sum(w * ref(x)))(x)

@@ -10,7 +10,7 @@ import yaml
 
 import dd_jax
 from conftest import ROOT
-from dd_jax.experiment import git_state, machine_info
+from dd_jax.runs import git_state, machine_info
 from experiments import run as cli
 
 

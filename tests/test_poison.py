@@ -8,20 +8,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cli import assert_one_line_error, call_main, run_ok
+from test_meta_gradient import EPOCHS, RTOL, _checker, _problem, _unit
 
 import dd_jax
 from conftest import assert_matches_finite_difference, make_tiny_convnet, make_tiny_mlp
 from dd_jax.config import default_config
+from dd_jax.distilled import DistilledData
 from dd_jax.errors import ConfigError, DataError
 from dd_jax.evaluation import Evaluator, evaluate
 from dd_jax.inner import inner_train
 from dd_jax.meta import Learned, meta_loss
 from dd_jax.models import as_model
-from dd_jax.outer import DistilledData, build_outer_loop
-from dd_jax.poison import (attack_metrics, check_poison, evaluate_poison, poison_labels,
-                           summarise_attack)
-from test_cli import assert_one_line_error, call_main, run_ok
-from test_meta_gradient import EPOCHS, RTOL, _checker, _problem, _unit
+from dd_jax.outer import build_outer_loop
+from dd_jax.poison import attack_metrics, check_poison, evaluate_poison, poison_labels, summarise_attack
 
 # --------------------------------------------------------------------------- the label map
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cli import assert_one_line_error, call_main
+from test_meta_gradient import EPOCHS, RTOL, STEPS, K, _checker, _problem, _unit
 
 import dd_jax
 from conftest import assert_matches_finite_difference, make_tiny_mlp
@@ -19,11 +21,17 @@ from dd_jax.config import default_config
 from dd_jax.data import NORMALISATION, load_dataset, parse_libsvm
 from dd_jax.errors import ConfigError, DataError
 from dd_jax.models import as_model, get_model
-from dd_jax.pretrain import (Pool, check_pool, load_pool, pool_fingerprint, pool_for_config, pool_path,
-                             save_pool, train_pool)
+from dd_jax.pretrain import (
+    Pool,
+    check_pool,
+    load_pool,
+    pool_fingerprint,
+    pool_for_config,
+    pool_path,
+    save_pool,
+    train_pool,
+)
 from dd_jax.regimes import make_regime
-from test_cli import assert_one_line_error, call_main
-from test_meta_gradient import EPOCHS, K, STEPS, RTOL, _checker, _problem, _unit
 
 
 def labelled_pool(n: int, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -468,8 +476,8 @@ def test_bad_pretrained_input_is_a_one_line_error(adaptation, tmp_path, args, fr
 
 
 def test_adaptation_experiments_point_at_their_source_pool():
-    from dd_jax.outer import validate_config
     from dd_jax.pretrain import validate_pool_config
+    from dd_jax.validation import validate_config
     from experiments.configs import EXPERIMENTS, PRETRAINED_EXPERIMENTS
 
     for fn in PRETRAINED_EXPERIMENTS:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cli import assert_one_line_error, call_main
 
 from conftest import ROOT, make_tiny_convnet, make_tiny_mlp
 from dd_jax.checkpoint import checkpoint_meta
@@ -22,8 +23,6 @@ from dd_jax.inner import checkpointed_scan, inner_train
 from dd_jax.meta import Learned, meta_loss
 from dd_jax.models import as_model
 from dd_jax.sharding import make_mesh, select_devices
-from test_cli import assert_one_line_error, call_main
-
 
 # --------------------------------------------------------------------------- several devices
 
@@ -422,8 +421,8 @@ def test_sensitivity_perturbs_only_the_images(digits28, monkeypatch):
     """Every network the benchmark trains starts from theta_0 with the data's own labels and
     step sizes; the images are the data's own for scale 0, and moved by noise of that std for
     the others (a fresh draw each time)."""
-    import dd_jax
     import benchmarks.sensitivity as sensitivity
+    import dd_jax
     from dd_jax.evaluation import evaluation_setup
 
     model = as_model(make_tiny_convnet())

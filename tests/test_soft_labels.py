@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 import dd_jax
-from conftest import (assert_matches_finite_difference, finite_difference_check,
-                      make_tiny_convnet, make_tiny_mlp)
+from conftest import assert_matches_finite_difference, finite_difference_check, make_tiny_convnet, make_tiny_mlp
+from dd_jax.distilled import save_distilled
 from dd_jax.evaluation import Evaluator
 from dd_jax.inner import cross_entropy
 from dd_jax.meta import Learned, distilled_labels, init_learned, meta_loss
 from dd_jax.models import as_model
-from dd_jax.outputs import save_distilled
 
 STEPS, EPOCHS, K, HW, N_IMAGES = 2, 2, 3, 4, 2  # 2 images per step for 3 classes
 

@@ -14,15 +14,13 @@ import optax
 import pytest
 
 import dd_jax
-from conftest import (ROOT, assert_matches_finite_difference, finite_difference_check,
-                      make_tiny_convnet, make_tiny_mlp)
+from conftest import ROOT, assert_matches_finite_difference, finite_difference_check, make_tiny_convnet, make_tiny_mlp
 from dd_jax.config import default_config
 from dd_jax.inner import cross_entropy, inner_train
 from dd_jax.meta import Learned, meta_loss
 from dd_jax.models import as_model
 from dd_jax.outer import build_outer_loop, inner_spec
-from dd_jax.unroll import (ADAM_B2, ADAM_EPS, ADAM_EPS_ROOT, InnerSpec, optimizer_train,
-                           optimizer_update, window_stop)
+from dd_jax.unroll import ADAM_B2, ADAM_EPS, ADAM_EPS_ROOT, InnerSpec, optimizer_train, optimizer_update, window_stop
 
 STEPS, EPOCHS, K, HW = 2, 3, 3, 4
 T = STEPS * EPOCHS
