@@ -76,6 +76,7 @@ SECTIONS: Sections = {
         Field("val_size", 0, "training images held out (never trained on) to return the evaluated iterate best on them (0 = the last iterate, as the authors report)"),
         Field("eval_every", 500, "iterations between periodic test evaluations"),
         Field("log_every", 10, "iterations between rows of metrics.jsonl"),
+        Field("tensorboard", False, "also write metrics.jsonl's rows as TensorBoard scalars to <output_dir>/tensorboard (needs tensorboardX: pip install -e '.[tensorboard]')"),
         Field("checkpoint_every", 200, "iterations between checkpoints"),
         Field("keep_checkpoints", 1, "checkpoints kept in <output_dir>/checkpoint (the newest; --resume continues from the newest)"),
         Field("output_dir", "", "where the run writes ('' = runs/<experiment name>)"),

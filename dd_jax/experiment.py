@@ -25,13 +25,22 @@ from dd_jax.evaluation import Evaluator, accuracy_row, evaluate, summarise
 from dd_jax.linear import run_linear
 from dd_jax.models import as_model
 from dd_jax.outer import CHECKPOINT, METRICS, distill
-from dd_jax.outputs import MetricsLog, read_metrics, save_curves, save_image_grid, save_poison_chart, write_json
+from dd_jax.outputs import (
+    MetricsLog,
+    TensorBoardLog,
+    read_metrics,
+    save_curves,
+    save_image_grid,
+    save_poison_chart,
+    write_json,
+)
 from dd_jax.poison import poison_results
 from dd_jax.pretrain import POOL_FILE, save_pool, train_pool, validate_pool_config
 from dd_jax.runs import RESULTS, check_run_dir, load_data_and_model, machine_info, refuse_resume, start_run
 from dd_jax.validation import validate_config
 
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"  # with config.tensorboard: the event files of the metrics
 
 
 def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
@@ -52,16 +61,26 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     check_run_dir(workdir, resume)
     resume = resume and has_checkpoint(workdir / CHECKPOINT)
     writer = jax.process_index() == 0  # in a multi-host run process 0 alone writes the files
-    metrics: list[MetricsLog] = []
+    logs: list[MetricsLog | TensorBoardLog] = []
 
     def begin(iteration: int) -> None:  # the checkpoint is restored: now files are written
         if writer:
             start_run(config, workdir, name, resume)
-            metrics.append(MetricsLog(workdir / METRICS, iteration if resume else None))
+            logs.append(MetricsLog(workdir / METRICS, iteration if resume else None))
+            if config.tensorboard:
+                logs.append(TensorBoardLog(workdir / TENSORBOARD, iteration if resume else None))
 
-    distilled = distill(dataset, model, config, workdir=workdir, resume=resume,
-                        progress=progress, log=lambda row: metrics and metrics[0](row),
-                        on_start=begin)
+    def log(row: dict) -> None:
+        for write in logs:
+            write(row)
+
+    try:
+        distilled = distill(dataset, model, config, workdir=workdir, resume=resume,
+                            progress=progress, log=log, on_start=begin)
+    finally:  # interrupted too: the event files get every row logged
+        for write in logs:
+            if isinstance(write, TensorBoardLog):
+                write.close()
     if writer:
         save_distilled(workdir / "distilled.npz", distilled, model=config.model)
         save_image_grid(workdir / "distilled.png", distilled)

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dd_jax.distilled import DistilledData
+from dd_jax.errors import ConfigError
 from dd_jax.files import atomic_path
 
 
@@ -134,6 +135,35 @@ class MetricsLog:
     def __call__(self, row: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class TensorBoardLog:
+    """Writes each metrics row's numbers as TensorBoard scalars at step row['iteration']
+    (meta_loss, test_acc, val_acc, ...; step_sizes as step_size/<t>) into the directory `path`.
+    A resumed run passes the checkpoint's iteration as `purge_after`: the curves drop the
+    rows written after it, as `MetricsLog` does."""
+
+    def __init__(self, path: str | Path, purge_after: int | None = None):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboardX package: pip install "
+                              "tensorboardX (or pip install -e '.[tensorboard]')") from None
+        self.writer = SummaryWriter(str(path), purge_step=None if purge_after is None else purge_after + 1)
+
+    def __call__(self, row: dict) -> None:
+        step = row["iteration"]
+        for key, value in row.items():
+            if key == "step_sizes":
+                for t, size in enumerate(value):
+                    self.writer.add_scalar(f"step_size/{t}", size, step)
+            elif key != "iteration" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Writes what is still queued and closes the event file."""
+        self.writer.close()
 
 
 def markdown_table(columns: list[str] | tuple[str, ...], rows: list) -> str:

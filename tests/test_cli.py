@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -736,3 +737,32 @@ def test_subprocess_bad_experiment():
     assert "Traceback" not in proc.stderr
     assert_one_line_error(proc.returncode, proc.stderr, "unknown experiment 'nope'")
     assert proc.stdout == ""
+
+
+def read_scalars(directory: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of the TensorBoard event files in `directory` (TFRecord framing:
+    length, its CRC, an Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_tensorboard_scalars_are_the_metrics_rows(tmp_path):
+    out = tmp_path / "tb"
+    run_ok([*TINY, f"--output_dir={out}", "--tensorboard"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scalars = read_scalars(out / "tensorboard")
+    assert scalars["meta_loss"] == pytest.approx({r["iteration"]: r["meta_loss"] for r in rows})
+    assert scalars["test_acc"] == pytest.approx({r["iteration"]: r["test_acc"] for r in rows
+                                                 if "test_acc" in r})
+    assert scalars["step_size/0"] == pytest.approx({r["iteration"]: r["step_sizes"][0] for r in rows
+                                                    if "step_sizes" in r}, rel=1e-6)

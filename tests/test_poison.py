@@ -1,6 +1,7 @@
 """Data poisoning: the label map, its meta-gradient, the attack metrics, and a run through the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -119,6 +120,40 @@ def test_outer_loop_meta_step_uses_poisoned_labels(digits8):
                            jnp.asarray(dataset.train_y)[idx], apply_fn=model.apply,
                            epochs=config.epochs)
     assert abs(float(loss) - float(unpoisoned)) > 1e-4
+
+
+def test_objective_plugs_into_the_outer_loop(digits8):
+    """The config's poisoning and the same `Poisoning` passed as `objective` build the same
+    targets; a research objective of one's own reaches the meta-step; its check runs first."""
+    from dd_jax.errors import DataError
+    from dd_jax.objective import Plain, objective_for
+    from dd_jax.poison import Poisoning
+
+    dataset = digits8.subset(200, 60)
+    config = default_config()
+    config.update(dict(real_batch_size=32, iterations=1))
+    model = as_model(make_tiny_mlp())
+    assert objective_for(config) == Plain()
+    poisoned = config.copy_and_resolve_references()
+    poisoned.update(dict(poison_class=3, poison_target=5))
+    assert objective_for(poisoned) == Poisoning(3, 5)
+    by_config = build_outer_loop(dataset, model, poisoned)
+    passed = build_outer_loop(dataset, model, config, objective=Poisoning(3, 5))
+    np.testing.assert_array_equal(np.asarray(by_config.train_y), np.asarray(passed.train_y))
+
+    class Shifted:  # every class trained towards the next one
+        def check(self, dataset):
+            if dataset.num_classes < 2:
+                raise DataError("needs two classes")
+
+        def targets(self, labels):
+            return (np.asarray(labels) + 1) % 10
+
+    shifted = build_outer_loop(dataset, model, config, objective=Shifted())
+    np.testing.assert_array_equal(np.asarray(shifted.train_y), (dataset.train_y + 1) % 10)
+    no_k = dataclasses.replace(dataset, test_y=np.zeros_like(dataset.test_y))  # no class 3 to attack
+    with pytest.raises(DataError, match="no images of poison_class 3"):
+        build_outer_loop(no_k, model, config, objective=Poisoning(3, 5))
 
 
 # --------------------------------------------------------------------------- the attack metrics
