@@ -16,6 +16,7 @@ os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4",
     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -29,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dd_jax  # noqa: E402
-from conftest import make_tiny_convnet  # noqa: E402  (also puts the repository on sys.path)
+from conftest import make_tiny_convnet  # noqa: E402
 from dd_jax.config import default_config  # noqa: E402
 from dd_jax.data import Dataset  # noqa: E402
 from dd_jax.meta import meta_loss  # noqa: E402
