@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from dd_jax.distilled import load_distilled
-from dd_jax.errors import ConfigError, DataError, DDJaxError
+from dd_jax.errors import DataError, DDJaxError
 from dd_jax.outputs import markdown_table, write_json
 from dd_jax.protocols import Recipe
 from experiments.evaluate import evaluate_file, percent, stored_field
+from experiments.flags import parse_flags
 
 USAGE = ("usage: python -m experiments.cross_arch [--out=DIR] [--epochs=300] [--n_nets=5] "
          "[--convnet_nets=2] [--paper_nets=20]")
@@ -125,21 +126,8 @@ def table(sets: dict[str, Path], records: dict[str, dict], flags: dict) -> str:
 
 def parse_args(argv: list[str]) -> dict:
     """--flag=value (or --flag value) over FLAGS' defaults."""
-    flags, args = dict(FLAGS), list(argv)
-    while args:
-        arg = args.pop(0)
-        name, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name not in FLAGS:
-            raise ConfigError(f"unexpected argument {arg!r}; {USAGE}")
-        if not eq:
-            if not args:
-                raise ConfigError(f"flag --{name} needs a value: --{name}=VALUE")
-            text = args.pop(0)
-        try:
-            flags[name] = type(FLAGS[name])(text)
-        except ValueError:
-            raise ConfigError(f"--{name}={text!r}: expected an integer") from None
-    return flags
+    return parse_flags(argv, {name: (default, type(default)) for name, default in FLAGS.items()},
+                       USAGE)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from dd_jax.distilled import load_distilled
 from dd_jax.errors import ConfigError, DataError, DDJaxError
 from dd_jax.outputs import markdown_table, write_json
 from dd_jax.protocols import ARCHITECTURES, PROTOCOLS, Recipe, architecture, evaluate_protocol
+from experiments.flags import parse_flags
 
 USAGE = ("usage: python -m experiments.evaluate DISTILLED.npz [--protocol=paper|standard] "
          "[--model=lenet|mlp|convnet] [--epochs=300] [--n_nets=20] [--augment] "
@@ -42,30 +43,8 @@ FLAGS = {"protocol": ("standard", str), "model": ("lenet", str), "epochs": (300,
 def parse_args(argv: list[str]) -> tuple[str | None, dict, set[str]]:
     """argv -> (npz path, {flag: value} with defaults, switches). Valued flags are given as
     --flag=VALUE or --flag VALUE."""
-    path, values, switches = None, {k: default for k, (default, _) in FLAGS.items()}, set()
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("--augment", "--help", "-h"):
-            switches.add(arg.lstrip("-"))
-        elif arg.startswith("--"):
-            name, eq, text = arg[2:].partition("=")
-            if name not in FLAGS:
-                raise ConfigError(f"unknown flag --{name}; {USAGE}")
-            if not eq:
-                if not args:
-                    raise ConfigError(f"flag --{name} needs a value: --{name}=VALUE")
-                text = args.pop(0)
-            kind = FLAGS[name][1]
-            try:
-                values[name] = kind(text)
-            except ValueError:
-                raise ConfigError(f"--{name}={text!r}: expected an integer") from None
-        elif path is None:
-            path = arg
-        else:
-            raise ConfigError(f"unexpected argument {arg!r}; {USAGE}")
-    return path, values, switches
+    paths, values, switches = parse_flags(argv, FLAGS, USAGE, switches=("augment",), positionals=1)
+    return (paths[0] if paths else None), values, switches
 
 
 def stored_field(path: Path, key: str) -> str:
