@@ -49,6 +49,9 @@ def run(config, workdir: str | Path, *, name: str = "", resume: bool = False,
     kind = config.get("kind", "distill")
     if kind not in RUNNERS:
         raise ConfigError(f"unknown kind {kind!r}; choose one of: {', '.join(RUNNERS)}")
+    if kind != "distill" and jax.process_count() > 1:  # only a distillation splits over hosts
+        raise ConfigError(f"a {kind!r} run runs on one process, this is process "
+                          f"{jax.process_index()} of {jax.process_count()}; run it without --distributed")
     return RUNNERS[kind](config, workdir, name=name, resume=resume, progress=progress)
 
 

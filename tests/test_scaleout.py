@@ -95,6 +95,16 @@ def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path, monkeypatch
     assert_one_line_error(rc, err, "--distributed", "JAX_COORDINATOR_ADDRESS")
 
 
+@pytest.mark.parametrize("name", ["digits_pool", "linear_analysis", "mnist_baselines"])
+def test_only_a_distillation_runs_over_hosts(tmp_path, monkeypatch, name):
+    """The other kinds write their files from one process: in a multi-process run they are a
+    one-line error before anything is written."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    rc, _, err = call_main([name, f"--output_dir={tmp_path / name}"])
+    assert_one_line_error(rc, err, "runs on one process", "without --distributed")
+    assert not (tmp_path / name).exists()
+
+
 # --------------------------------------------------------------------------- several hosts
 
 MULTIHOST_RUN = ["mnist_fixed_init", "--dataset=digits", "--train_subset=256", "--test_subset=100",
