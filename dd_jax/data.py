@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -366,15 +368,16 @@ def load_svhn(data_dir: str | None = None, size: int = 28) -> Dataset:
                    normalise(test_px, mean, std), test_y.astype(np.int32), num_classes, mean, std)
 
 
+# dataset name -> loader(data_dir); any other name is read through tensorflow-datasets
+LOADERS: dict[str, Callable[[str | None], Dataset]] = {
+    "mnist": lambda data_dir: load_mnist(),  # carried: data_dir is not consulted
+    "digits": lambda data_dir: load_digits(),  # scikit-learn's, carried likewise
+    "usps": load_usps,
+    "svhn": load_svhn,
+}
+
+
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    """The named dataset: 'mnist' and 'digits' offline, 'usps' from LIBSVM files in data_dir,
-    'svhn' (grayscale 28x28) and anything else through tfds."""
-    if name == "mnist":
-        return load_mnist()
-    if name == "digits":
-        return load_digits()
-    if name == "usps":
-        return load_usps(data_dir)
-    if name == "svhn":
-        return load_svhn(data_dir)
-    return load_tfds(name, data_dir)
+    """The named dataset: `LOADERS`' ('mnist' and 'digits' offline, 'usps' from LIBSVM files in
+    data_dir, 'svhn' grayscale 28x28), anything else through tfds."""
+    return LOADERS.get(name, functools.partial(load_tfds, name))(data_dir)
