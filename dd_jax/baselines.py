@@ -251,7 +251,7 @@ class BaselineMaker:
         self.candidates_key = jax.random.fold_in(stream, CANDIDATES)
         self.labels = np.asarray(distilled_labels(config.steps, config.images_per_class,
                                                   dataset.num_classes))
-        class_members(self.split.pool_y, dataset.num_classes,  # raises now if a class is short
+        class_members(self.split.learn_y, dataset.num_classes,  # raises now if a class is short
                       config.steps * config.images_per_class)
         if config.knn_k > self.labels.size:
             raise ConfigError(f"knn_k={config.knn_k} must be at most the {self.labels.size} "
@@ -263,8 +263,8 @@ class BaselineMaker:
     def random_set(self, i: int) -> np.ndarray:
         """Candidate i of the random real sets (candidate 0 is random_real's)."""
         c = self.config
-        return random_real_images(jax.random.fold_in(self.candidates_key, i), self.split.pool_x,
-                                  self.split.pool_y, c.steps, c.images_per_class,
+        return random_real_images(jax.random.fold_in(self.candidates_key, i), self.split.learn_x,
+                                  self.split.learn_y, c.steps, c.images_per_class,
                                   self.dataset.num_classes)
 
     def tuned(self, method: str, images: np.ndarray, candidate_scores=None) -> Baseline:
@@ -288,10 +288,10 @@ class BaselineMaker:
             best, scores = best_candidate(candidates, lambda x: self.scorer(x, reference))
             return self.tuned(method, candidates[best], scores)
         if method == "kmeans":
-            return self.tuned(method, kmeans_images(split.pool_x, split.pool_y, c.steps,
+            return self.tuned(method, kmeans_images(split.learn_x, split.learn_y, c.steps,
                                                     c.images_per_class, classes, c.seed))
         if method == "mean":
-            return self.tuned(method, mean_images(split.pool_x, split.pool_y, c.steps,
+            return self.tuned(method, mean_images(split.learn_x, split.learn_y, c.steps,
                                                   c.images_per_class, classes))
         raise ConfigError(f"unknown baseline {method!r}; choose from {', '.join(BASELINES)}")
 

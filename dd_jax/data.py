@@ -89,10 +89,11 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """The training set cut in two: a pool to learn from and a holdout to choose with."""
+    """The training set cut in two: images to learn from (learn_x, learn_y) and a holdout to
+    choose with (pretrained networks' pools are another thing: dd_jax.pretrain)."""
 
-    pool_x: np.ndarray
-    pool_y: np.ndarray
+    learn_x: np.ndarray
+    learn_y: np.ndarray
     holdout_x: np.ndarray
     holdout_y: np.ndarray
 
@@ -100,7 +101,7 @@ class Split:
 def split_holdout(key, train_x: np.ndarray, train_y: np.ndarray, n_holdout: int,
                   flag: str) -> Split:
     """A random slice of n_holdout training examples (drawn with the jax.random `key`) held
-    out; the rest is the pool. `flag` names the setting in the error for a bad n_holdout."""
+    out; the rest is learned from. `flag` names the setting in the error for a bad n_holdout."""
     import jax
 
     if not 0 < n_holdout < len(train_y):
@@ -109,8 +110,8 @@ def split_holdout(key, train_x: np.ndarray, train_y: np.ndarray, n_holdout: int,
             f"lower --{flag} or raise --train_subset"
         )
     perm = np.asarray(jax.random.permutation(key, len(train_y)))
-    hold, pool = perm[:n_holdout], perm[n_holdout:]
-    return Split(train_x[pool], train_y[pool], train_x[hold], train_y[hold])
+    hold, learn = perm[:n_holdout], perm[n_holdout:]
+    return Split(train_x[learn], train_y[learn], train_x[hold], train_y[hold])
 
 
 def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:

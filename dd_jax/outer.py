@@ -188,7 +188,7 @@ def build_outer_loop(dataset: Dataset, model_fn, config,
     if config.val_size:
         split = split_holdout(jax.random.fold_in(key, VAL_STREAM), train_x, train_y,
                               config.val_size, "val_size")
-        train_x, train_y, val_x, val_y = split.pool_x, split.pool_y, split.holdout_x, split.holdout_y
+        train_x, train_y, val_x, val_y = split.learn_x, split.learn_y, split.holdout_x, split.holdout_y
     train_x, train_y = jnp.asarray(train_x), jnp.asarray(train_y)
     pool = pool_for_config(config, model, dataset) if config.init_regime in PRETRAINED_REGIMES else None
     regime = make_regime(

@@ -154,13 +154,13 @@ def test_choices_use_the_training_holdout_never_the_test_set(maker, digits28):
 
 def test_sets_come_from_the_pool_not_the_holdout(maker):
     images = maker.make("random_real").data.images.reshape(-1, 28 * 28)
-    pool = maker.split.pool_x.reshape(len(maker.split.pool_y), -1)
+    pool = maker.split.learn_x.reshape(len(maker.split.learn_y), -1)
     holdout = maker.split.holdout_x.reshape(len(maker.split.holdout_y), -1)
     assert len(pool) + len(holdout) == 1497 and len(holdout) == 300
     for img in images:
         assert np.any(np.all(pool == img, axis=1)) and not np.any(np.all(holdout == img, axis=1))
     np.testing.assert_allclose(  # the mean baseline is the pool's class mean
-        maker.make("mean").data.images[0, 3], maker.split.pool_x[maker.split.pool_y == 3].mean(0),
+        maker.make("mean").data.images[0, 3], maker.split.learn_x[maker.split.learn_y == 3].mean(0),
         rtol=1e-5, atol=1e-5)
 
 
