@@ -139,6 +139,13 @@ def _ffi(target: str, results: list[tuple[tuple[int, ...], jnp.dtype]], *args: j
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs)
 
 
+def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """The cotangent summed over the mesh axes it varies over and `primal` does not: the
+    transpose of `_ffi`'s cast of its arguments to vary (no-op outside shard_map)."""
+    extra = jax.typeof(cotangent).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying
+    return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
 def _layer_call(x, kernel, bias, pads, pool, relu):
     """The FFI call: (y, argmax index) with `pool`, else (y, an empty int8 array)."""
     b, co = x.shape[0], kernel.shape[3]
@@ -160,17 +167,17 @@ def _layer(x, kernel, bias, pads, pool, relu):
 
 def _layer_fwd(x, kernel, bias, pads, pool, relu):
     y, index = _layer(x, kernel, bias, pads, pool, relu)  # itself: differentiable again
-    return (y, index), (x, kernel, y, index)
+    return (y, index), (x, kernel, bias, y, index)
 
 
 def _layer_bwd(pads, pool, relu, residuals, cotangents):
-    x, kernel, y, index = residuals
+    x, kernel, bias, y, index = residuals
     g = jnp.where(y > 0, cotangents[0], 0) if relu else cotangents[0]
     dy = unpool(g, index) if pool else g
     kernel_hw = kernel.shape[:2]
-    return (conv(dy, _flip(kernel), _transposed(pads, kernel_hw)),
-            conv_weight_grad(x, dy, pads, kernel_hw),
-            g.sum((0, 1, 2, 4)))
+    return (_like(conv(dy, _flip(kernel), _transposed(pads, kernel_hw)), x),
+            _like(conv_weight_grad(x, dy, pads, kernel_hw), kernel),
+            _like(g.sum((0, 1, 2, 4)), bias))
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)
@@ -233,7 +240,8 @@ def _weight_grad_fwd(x, dy, pads, kernel_hw):
 
 def _weight_grad_bwd(pads, kernel_hw, residuals, g):
     x, dy = residuals
-    return conv(dy, _flip(g), _transposed(pads, kernel_hw)), conv(x, g, pads)
+    return (_like(conv(dy, _flip(g), _transposed(pads, kernel_hw)), x),
+            _like(conv(x, g, pads), dy))
 
 
 conv_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)

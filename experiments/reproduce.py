@@ -175,13 +175,14 @@ def run_row(row: Row, out: Path, overrides: list[str], progress: bool) -> None:
 
 
 def row_entries(row: Row, out: Path) -> list[dict]:
-    """The table entries of one row: one per method of a finished run, or one saying why
-    there is no figure yet."""
+    """The table entries of one row: one per method of a finished run (its results.json,
+    whether or not the files other rows read are still there: a clone has no pool.npz), or
+    one saying why there is no figure yet."""
     workdir = out / row.name
     base = {"row": row.name, "experiment": row.experiment, "setting": row.setting}
     paper = paper_result(row.paper or row.experiment)
     state = row_state(row, out)
-    if state != "done":
+    if not (workdir / RESULTS).exists():
         missing = missing_data(row.needs_data)
         status = (f"needs data: {missing}" if missing else
                   "running or interrupted (rerun to continue)" if state == "started" else "not run yet")

@@ -38,9 +38,11 @@ from dd_jax.outer import build_outer_loop  # noqa: E402
 from dd_jax.sharding import sharded_meta_loss  # noqa: E402
 
 ITERATIONS = 3
-# (init regime, n_nets) -> the 4-device mesh splits the 4 nets, or 2 nets x 2 halves of the
-# real batch (the fixed regime's 1 x 4 mesh runs the same code)
-LAYOUTS = {"nets": ("random", 4), "nets_and_batch": ("random", 2)}
+# (init regime, n_nets, C++ kernels) -> the 4-device mesh splits the 4 nets, or 2 nets x 2
+# halves of the real batch (the fixed regime's 1 x 4 mesh runs the same code); the last with
+# every batch through the C++ kernels, whose gradients are summed over the axes they vary on
+LAYOUTS = {"nets": ("random", 4, False), "nets_and_batch": ("random", 2, False),
+           "native_nets_and_batch": ("random", 2, True)}
 
 
 def tiny_dataset() -> Dataset:
@@ -59,9 +61,11 @@ def tiny_config(init_regime: str, n_nets: int, devices: int):
     return c
 
 
-def meta_gradient(dataset: Dataset, config) -> dict:
-    """The meta-loss and its gradient at the initial state, for the first real batch."""
-    loop = build_outer_loop(dataset, make_tiny_convnet(), config)
+def meta_gradient(dataset: Dataset, config, native: bool) -> dict:
+    """The meta-loss and its gradient at the initial state, for the first real batch; with
+    `native` every convolution through the C++ kernels."""
+    model = make_tiny_convnet(native=True, patches_up_to=0) if native else make_tiny_convnet()
+    loop = build_outer_loop(dataset, model, config)
     loss_fn = meta_loss if loop.mesh is None else sharded_meta_loss(loop.mesh)
     idx = jnp.asarray(loop.batches(0))
     loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnames=("apply_fn", "epochs"))(
@@ -98,12 +102,12 @@ def resumed_run(dataset: Dataset, config, workdir: Path) -> dict:
 def main(out: Path) -> None:
     dataset = tiny_dataset()
     report = {"device_count": jax.device_count(), "gradients": {}, "runs": {}}
-    for name, (regime, n_nets) in LAYOUTS.items():
+    for name, (regime, n_nets, native) in LAYOUTS.items():
         report["gradients"][name] = {
-            "one": meta_gradient(dataset, tiny_config(regime, n_nets, 1)),
-            "four": meta_gradient(dataset, tiny_config(regime, n_nets, 4)),
+            "one": meta_gradient(dataset, tiny_config(regime, n_nets, 1), native),
+            "four": meta_gradient(dataset, tiny_config(regime, n_nets, 4), native),
         }
-    config = lambda devices: tiny_config(*LAYOUTS["nets_and_batch"], devices)
+    config = lambda devices: tiny_config(*LAYOUTS["nets_and_batch"][:2], devices)
     report["runs"] = {"one": resumed_run(dataset, config(1), out / "one"),
                       "all": resumed_run(dataset, config(0), out / "all")}
     print(json.dumps(report))

@@ -87,5 +87,8 @@ def test_pool_without_its_file_runs_again(tmp_path, capsys):
     (pool / "pool.npz").unlink()
     row = next(r for r in reproduce.ROWS if r.name == "digits_pool")
     assert row.files_read == ["pool.npz"] and reproduce.row_state(row, tmp_path) == "started"
+    # the table keeps the measured figure (a clone of the results has no pool.npz)
+    measured = next(e for e in reproduce.write_table(tmp_path) if e["row"] == "digits_pool")
+    assert measured["status"] == "done" and measured["measured"]
     assert reproduce.main(args) == 0
     assert (pool / "pool.npz").exists() and "reproduce: digits_pool" in capsys.readouterr().out
