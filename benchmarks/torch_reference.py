@@ -210,7 +210,9 @@ class AuthorsStyleDistiller:
                 dw.add_(g_w)
         return out
 
-    def accumulate_grad(self, grad_info):
+    def accumulate_grad(self, grad_infos):
+        """Every net's gradients at once (the step sizes' softplus graph is walked once)."""
+        grad_info = [x for info in grad_infos for x in info]
         for data, g_data, _, _ in grad_info:
             data.grad.add_(g_data)
         torch.autograd.backward([x[2] for x in grad_info], [x[3] for x in grad_info])
@@ -220,15 +222,15 @@ class AuthorsStyleDistiller:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=False)
         steps = self.get_steps()
-        losses = []
+        losses, infos = [], []
         for _ in range(self.n_nets):
             if self.random_init:
                 self.model.reset_xavier(1.0)
             final, ws, gws = self.forward(rdata, rlabel, steps)
             losses.append(final.detach())
-            info = self.backward(final, ws, gws, steps)
+            infos.append(self.backward(final, ws, gws, steps))
             del final, ws, gws
-            self.accumulate_grad(info)
+        self.accumulate_grad(infos)
         for p in self.params:  # / sample_n_nets, as they do
             p.grad.div_(self.n_nets)
         self.optimizer.step()
@@ -240,7 +242,7 @@ def check_meta_gradient(model, distiller, rdata, rlabel):
     distiller.optimizer.zero_grad(set_to_none=False)
     steps = distiller.get_steps()
     final, ws, gws = distiller.forward(rdata, rlabel, steps)
-    distiller.accumulate_grad(distiller.backward(final, ws, gws, steps))
+    distiller.accumulate_grad([distiller.backward(final, ws, gws, steps)])
     manual = [p.grad.clone() for p in distiller.params]
 
     w = model.flat_w

@@ -19,6 +19,10 @@ ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+# Inner loops of at most this many steps are unrolled in full (`inner_train`).
+UNROLL_UP_TO = 8
+
+
 def example_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """(N,) softmax cross-entropy per image; logits (N, K), integer labels (N,) or real-valued
     label vectors (N, K): then sum_c y_c * CE(logits, c) = -sum_c y_c log softmax(logits)_c,
@@ -92,7 +96,10 @@ def inner_train(
             params, jnp.arange(steps * epochs),
         )
     xs, ys = unroll_schedule(images, labels, epochs)
-    # Unrolling a few steps per loop iteration lets XLA fuse across steps: the small
-    # distilled-batch steps are dominated by per-op overhead.
-    params, _ = jax.lax.scan(step, params, (xs, ys, step_sizes), unroll=min(len(step_sizes), 8))
-    return params
+    # Up to UNROLL_UP_TO steps are unrolled (XLA fuses across them); longer unrolls loop one
+    # step per iteration, each step recomputed in the backward pass, so that the loop stores
+    # only the parameters per step, not every step's activations: on XLA:CPU that is the
+    # faster of the forms measured (results/benchmarks/inner_unroll.md).
+    if len(step_sizes) <= UNROLL_UP_TO:
+        return jax.lax.scan(step, params, (xs, ys, step_sizes), unroll=len(step_sizes))[0]
+    return jax.lax.scan(jax.checkpoint(step, prevent_cse=False), params, (xs, ys, step_sizes))[0]

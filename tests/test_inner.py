@@ -74,6 +74,26 @@ def test_inner_train_equals_python_loop(problem):
         assert diff > 1e-6
 
 
+def test_looped_unroll_equals_unrolled(problem, monkeypatch):
+    """Inner loops longer than UNROLL_UP_TO run as a loop of rematerialised steps: the same
+    meta-loss and meta-gradient (images and step sizes, several nets) as the unrolled form."""
+    from dd_jax import inner
+
+    model, init_params, learned, labels, real_x, real_y = problem
+    loss = functools.partial(meta_loss, apply_fn=model.apply, epochs=EPOCHS)
+    with jax.enable_x64():
+        learned64, inits64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (learned, init_params))
+        results = {}
+        for unroll_up_to in (STEPS * EPOCHS, STEPS * EPOCHS - 1):  # unrolled, then looped
+            monkeypatch.setattr(inner, "UNROLL_UP_TO", unroll_up_to)
+            value_and_grad = jax.jit(jax.value_and_grad(loss))  # traced anew for each form
+            results[unroll_up_to] = value_and_grad(learned64, labels, inits64, real_x, real_y)
+    (unrolled_loss, unrolled), (looped_loss, looped) = results.values()
+    np.testing.assert_allclose(float(looped_loss), float(unrolled_loss), rtol=1e-12)
+    _assert_trees_close(looped, unrolled, rtol=1e-9, atol=1e-12)
+    assert float(jnp.max(jnp.abs(unrolled.raw_step_sizes))) > 1e-3
+
+
 def test_gd_step_is_plain_gradient_descent(problem):
     model, init_params, learned, labels, _, _ = problem
     theta0 = _net(init_params, 0)
