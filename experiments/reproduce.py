@@ -34,7 +34,7 @@ from experiments.paper import paper_result
 USAGE = ("usage: python -m experiments.reproduce [--only NAME,...] [--out DIR] [--list] "
          "[--progress] [--field=value ...]")
 DEFAULT_OUT = "results/paper"
-PAPER_IMAGES = 400 * 60_000  # real images the authors' MNIST schedule shows the meta-objective
+PAPER_PASSES = 400  # passes over the training images of the authors' schedule
 PAPER_EVAL_NETS = 200  # held-out initialisations of the paper's random-regime figures
 PAPER_POOL = 200  # the paper's smallest pool of pretrained networks
 
@@ -221,15 +221,17 @@ def measured_text(r: dict) -> str:
 
 
 def schedule_text(workdir: Path) -> str:
-    """Outer iterations done and real images seen as a share of the authors' schedule."""
+    """Outer iterations done and the passes over the row's own training images they made, as a
+    share of the authors' 400 passes."""
     config = json.loads((workdir / CONFIG).read_text())
     metrics = workdir / "metrics.jsonl"
     if not metrics.exists() or "real_batch_size" not in config:
         return ""
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     done = max((line.get("iteration", 0) for line in lines), default=0)
-    seen = done * config["real_batch_size"]
-    return f"{done:,} x {config['real_batch_size']} ({100 * seen / PAPER_IMAGES:.0f}% of the paper's)"
+    passes = max((line.get("pass", 0) for line in lines), default=0)
+    return (f"{done:,} x {config['real_batch_size']} ({100 * passes / PAPER_PASSES:.0f}% of the "
+            f"paper's {PAPER_PASSES} passes)")
 
 
 STAMP = "reproduce.json"  # per finished row: the commit that finished it
