@@ -59,7 +59,7 @@ LINEAR_SECTIONS: Sections = {
         Field("outer_lr", 0.03, "Adam learning rate"),
         Field("beta1", 0.9, "Adam beta1"),
         Field("beta2", 0.999, "Adam beta2"),
-        Field("decay_passes", 500, "lr_schedule 'step': learning rate x decay_factor every this many iterations"),
+        Field("decay_passes", 500, "lr_schedule 'step': learning rate x decay_factor every this many passes (here one pass is one iteration)"),
         Field("decay_factor", 0.5, "lr_schedule 'step': the decay's factor"),
         Field("lr_schedule", "step", "'step' or 'cosine' (dd_jax.schedule.make_optimizer)"),
         Field("warmup_iterations", 0, "cosine: linear warm-up from 0 to outer_lr over this many iterations"),
