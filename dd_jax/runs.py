@@ -3,6 +3,7 @@ last, an earlier run never overwritten), its data and model, and the record of t
 it ran on."""
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 from pathlib import Path
@@ -49,6 +50,7 @@ def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
     """`check_run_dir`, then creates `workdir` and writes the run's config.json; a directory
     that cannot be created or written is a ConfigError."""
     check_run_dir(workdir, resume)
+    git_state()  # the commit results.json will name: the one this run started from
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
@@ -66,8 +68,13 @@ def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
 
 def git_state() -> tuple[str | None, bool | None]:
     """(commit, whether tracked files differ from it) of the git checkout that dd_jax is
-    imported from; (None, None) outside one or without git."""
-    root = Path(dd_jax.__file__).resolve().parent.parent
+    imported from, as it was when this process first asked (`start_run` asks: the code a run
+    imported, not a later checkout's); (None, None) outside one or without git."""
+    return _git_state(Path(dd_jax.__file__).resolve().parent.parent)
+
+
+@functools.cache
+def _git_state(root: Path) -> tuple[str | None, bool | None]:
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
                               capture_output=True, text=True, timeout=30)

@@ -6,6 +6,7 @@ import fnmatch
 import importlib
 import subprocess
 
+import pytest
 import yaml
 
 import dd_jax
@@ -74,3 +75,17 @@ def test_no_commit_outside_a_checkout(monkeypatch, tmp_path):
     (tmp_path / "dd_jax").mkdir()
     monkeypatch.setattr(dd_jax, "__file__", str(tmp_path / "dd_jax" / "__init__.py"))
     assert git_state() == (None, None)
+
+
+def test_commit_is_the_one_a_run_started_from(monkeypatch, tmp_path):
+    """results.json names the commit when the run started, even if the checkout moves on."""
+    from dd_jax import runs
+    from dd_jax.config import default_config
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    expected = head.stdout.strip() if head.returncode == 0 else None
+    runs._git_state.cache_clear()
+    runs.start_run(default_config(), tmp_path / "run", "mnist_fixed_init")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("git asked again"))
+    assert machine_info()["git_commit"] == expected
