@@ -255,6 +255,7 @@ def test_bad_unroll_settings_are_config_errors(digits28, overrides, message):
         build_outer_loop(digits28, make_tiny_convnet(10), _tiny_config(**overrides))
 
 
+@pytest.mark.slow
 def test_window_over_300_steps_fits_with_remat(digits28):
     """T = 300 with a 60-step window and remat: XLA's temporary buffers for one meta-step
     stay within 2x those of T = 30 (the window and the checkpoints, not T steps' tape)."""
