@@ -20,14 +20,13 @@ import dataclasses
 import difflib
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from dd_jax.errors import ConfigError, DDJaxError
 from dd_jax.outputs import markdown_table, write_json
-from dd_jax.runs import CONFIG, RESULTS
+from dd_jax.runs import CONFIG, RESULTS, git_state
 from experiments import run as cli
 from experiments.paper import paper_result
 
@@ -138,15 +137,10 @@ def missing_data(name: str) -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (with '+' if it has uncommitted changes), None outside git."""
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return commit + ("+" if git("status", "--porcelain", "--untracked-files=no") else "") or None
-    except OSError:
-        return None
+    """The short commit the rows ran from (`dd_jax.runs.git_state`), with '+' if the
+    checkout had uncommitted changes; None outside git."""
+    commit, dirty = git_state()
+    return commit[:7] + ("+" if dirty else "") if commit else None
 
 
 def row_state(row: Row, out: Path) -> str:
