@@ -62,7 +62,27 @@ def paper_block(results: Path) -> str:
     return markdown_table(["row", "paper (%)", "measured (%)", "iterations x real batch"], rows) + "\n"
 
 
-BLOCKS = {"headline": headline_block, "paper": paper_block}
+def speed_block(results: Path) -> str:
+    """Seconds per outer iteration, dd-jax beside the authors' algorithm measured in the same
+    window (`results/benchmarks/speed.jsonl`: `benchmarks.outer_step` and
+    `benchmarks/torch_reference.py` JSON lines), and the floor: the counted FLOPs at the
+    measured matmul peak."""
+    lines = [json.loads(line) for line in (results / "benchmarks" / "speed.jsonl").read_text().splitlines()
+             if line.strip()]
+    authors = {r["experiment"]: r for r in lines if "implementation" in r}
+    rows = [[f"`{r['experiment']}`", r["T"], r["n_nets"],
+             f"{authors[r['experiment']]['median_s']:.3f}" if r["experiment"] in authors else "",
+             f"{r['median_s']:.3f}",
+             f"{authors[r['experiment']]['median_s'] / r['median_s']:.1f}x" if r["experiment"] in authors else "",
+             f"{r['gflop_per_iteration'] / r['matmul_peak_gflops']:.3f}",
+             f"{100 * r['share_of_peak']:.0f}%"]
+            for r in lines if "implementation" not in r]
+    return markdown_table(["config", "T", "nets", "authors' algorithm (PyTorch), s", "dd-jax, s",
+                           "dd-jax ahead by", "floor, s", "dd-jax, share of the matmul peak"],
+                          rows) + "\n"
+
+
+BLOCKS = {"headline": headline_block, "paper": paper_block, "speed": speed_block}
 
 
 def render(text: str, results: Path) -> str:
