@@ -175,11 +175,11 @@ def row_entries(row: Row, out: Path) -> list[dict]:
     workdir = out / row.name
     base = {"row": row.name, "experiment": row.experiment, "setting": row.setting}
     paper = paper_result(row.paper or row.experiment)
-    state = row_state(row, out)
     if not (workdir / RESULTS).exists():
         missing = missing_data(row.needs_data)
         status = (f"needs data: {missing}" if missing else
-                  "running or interrupted (rerun to continue)" if state == "started" else "not run yet")
+                  "running or interrupted (rerun to continue)" if row_state(row, out) == "started"
+                  else "not run yet")
         return [{**base, "method": "", "paper": paper.text() if paper else "", "status": status}]
     results = json.loads((workdir / RESULTS).read_text())
     stamp = json.loads((workdir / STAMP).read_text()) if (workdir / STAMP).exists() else {}
