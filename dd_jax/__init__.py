@@ -2,7 +2,8 @@
 
 The data flow, one module per stage (docs/layout.md draws the same map):
 
-    data -> models (conv: the 5x5 layers; native: their C++ kernels)
+    data (dataset: the type; usps, tfds_data: more loaders)
+         -> models (conv: the 5x5 layers; native: their C++ kernels)
          -> pretrain (pools of trained networks) -> regimes (the initialisations theta_0)
          -> inner (T steps of GD on the distilled data; unroll: other optimisers, windows)
          -> meta (the meta-loss on a real batch; objective: plain or poison)
@@ -10,14 +11,16 @@ The data flow, one module per stage (docs/layout.md draws the same map):
          -> evaluation (protocols: training from scratch on any architecture)
          -> distilled (the result and its .npz) -> outputs (figures, metrics, tables)
 
-Beside the pipeline: baselines (real-image baselines, k-NN) and linear (the Sec. 3.3 analysis).
+Beside the pipeline: baselines (real-image baselines; baseline_run runs them, knn scores them)
+and linear (the Sec. 3.3 analysis).
 `experiment.run` runs a config of any kind into a directory (runs: what every run shares);
 config holds every field, checkpoint and files how state reaches the disk.
 """
 __version__ = "0.1.0"  # the package's one version: setup.cfg reads it
 
 from dd_jax.config import default_config
-from dd_jax.data import Dataset, load_dataset
+from dd_jax.data import load_dataset
+from dd_jax.dataset import Dataset
 from dd_jax.distilled import DistilledData, load_distilled, save_distilled
 from dd_jax.errors import ConfigError, DataError, DDJaxError, DivergedError
 from dd_jax.evaluation import evaluate

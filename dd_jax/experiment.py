@@ -17,7 +17,7 @@ from typing import Callable
 
 import jax
 
-from dd_jax.baselines import run_baselines
+from dd_jax.baseline_run import run_baselines
 from dd_jax.checkpoint import checkpoint_meta, has_checkpoint
 from dd_jax.distilled import save_distilled
 from dd_jax.errors import ConfigError

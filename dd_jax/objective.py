@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dd_jax.data import Dataset
+from dd_jax.dataset import Dataset
 from dd_jax.poison import Poisoning
 
 

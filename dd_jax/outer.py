@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from dd_jax.checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from dd_jax.config import with_overrides
-from dd_jax.data import Dataset, split_holdout
+from dd_jax.dataset import Dataset, split_holdout
 from dd_jax.distilled import DistilledData
 from dd_jax.errors import DivergedError
 from dd_jax.evaluation import Evaluator, summarise

@@ -25,7 +25,7 @@ import optax
 from flax import traverse_util
 
 from dd_jax.config import require
-from dd_jax.data import Dataset
+from dd_jax.dataset import Dataset
 from dd_jax.errors import ConfigError, DataError
 from dd_jax.files import atomic_path, flat_arrays, nested
 from dd_jax.inner import cross_entropy

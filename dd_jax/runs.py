@@ -13,7 +13,8 @@ import jax
 
 import dd_jax
 from dd_jax.checkpoint import has_checkpoint
-from dd_jax.data import Dataset, load_dataset
+from dd_jax.data import load_dataset
+from dd_jax.dataset import Dataset
 from dd_jax.errors import ConfigError
 from dd_jax.models import get_model
 from dd_jax.outer import CHECKPOINT

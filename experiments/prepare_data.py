@@ -19,9 +19,11 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from dd_jax.data import TFDS_NAMES, USPS_DIR, USPS_FILES, USPS_URL, load_dataset
+from dd_jax.data import load_dataset
 from dd_jax.errors import ConfigError, DataError, DDJaxError
 from dd_jax.files import atomic_path
+from dd_jax.tfds_data import TFDS_NAMES
+from dd_jax.usps import USPS_DIR, USPS_FILES, USPS_URL
 
 USAGE = "usage: python -m experiments.prepare_data NAME [--data_dir DIR]"
 

@@ -13,6 +13,7 @@ from test_cli import call_main
 import dd_jax
 from conftest import make_tiny_mlp
 from dd_jax import baselines as bl
+from dd_jax import knn
 from dd_jax.config import default_config
 from dd_jax.errors import ConfigError
 from dd_jax.meta import distilled_labels
@@ -92,16 +93,16 @@ def test_knn_on_a_separable_toy():
     test_y = rng.integers(0, 3, 300)
     test_x = (centres[test_y] + rng.normal(size=(300, 2))).reshape(300, 2, 1, 1)
     ref_x, ref_y = centres.reshape(3, 2, 1, 1), np.arange(3)
-    assert bl.knn_accuracy(ref_x, ref_y, test_x, test_y, k=1, chunk=7) == 1.0
-    assert bl.knn_accuracy(ref_x, (ref_y + 1) % 3, test_x, test_y) == 0.0
+    assert knn.knn_accuracy(ref_x, ref_y, test_x, test_y, k=1, chunk=7) == 1.0
+    assert knn.knn_accuracy(ref_x, (ref_y + 1) % 3, test_x, test_y) == 0.0
     # k=3 with two references per class near the centre and one far outlier of class 2 near
     # class 0's points: the vote among the 3 nearest still gives class 0
     ref_x3 = np.concatenate([centres, centres + 0.5, [[-9.0, 0.5]]]).reshape(7, 2, 1, 1)
     ref_y3 = np.array([0, 1, 2, 0, 1, 2, 2])
     class0 = test_y == 0
-    assert bl.knn_accuracy(ref_x3, ref_y3, test_x[class0], test_y[class0], k=3) == 1.0
+    assert knn.knn_accuracy(ref_x3, ref_y3, test_x[class0], test_y[class0], k=3) == 1.0
     with pytest.raises(ConfigError, match="knn_k=4"):
-        bl.knn_accuracy(ref_x, ref_y, test_x, test_y, k=4)
+        knn.knn_accuracy(ref_x, ref_y, test_x, test_y, k=4)
 
 
 def test_step_size_search_takes_the_best_score_smallest_on_ties():
@@ -232,7 +233,7 @@ def test_baselines_run_through_the_cli(tiny_runs):
     kmeans = dd_jax.load_distilled(run / "baseline_kmeans.npz")
     row = results["rows"][2]
     assert dd_jax.evaluate(kmeans, dataset, model)["accuracies"] == row["test_accs"]
-    assert bl.knn_of(kmeans, dataset, 1) == row["knn_acc"]
+    assert knn.knn_of(kmeans, dataset, 1) == row["knn_acc"]
     # the distilled row is the distilled run's own evaluation
     distilled = read(tiny_runs["distill"])
     assert results["rows"][4]["test_accs"] == distilled["test_accs"]

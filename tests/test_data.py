@@ -9,7 +9,8 @@ import pytest
 
 from conftest import MNIST_GZ, corrupt_mnist_file
 from dd_jax import data
-from dd_jax.data import Dataset, load_dataset, load_digits, load_mnist, parse_idx
+from dd_jax.data import load_dataset, load_digits, load_mnist, parse_idx
+from dd_jax.dataset import Dataset
 from dd_jax.errors import DataError
 
 

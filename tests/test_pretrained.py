@@ -18,7 +18,8 @@ from test_meta_gradient import EPOCHS, RTOL, STEPS, K, _checker, _problem, _unit
 import dd_jax
 from conftest import assert_matches_finite_difference, make_tiny_mlp
 from dd_jax.config import default_config
-from dd_jax.data import NORMALISATION, load_dataset, parse_libsvm
+from dd_jax.data import load_dataset
+from dd_jax.dataset import NORMALISATION
 from dd_jax.errors import ConfigError, DataError
 from dd_jax.models import as_model, get_model
 from dd_jax.pretrain import (
@@ -32,6 +33,7 @@ from dd_jax.pretrain import (
     train_pool,
 )
 from dd_jax.regimes import make_regime
+from dd_jax.usps import parse_libsvm
 
 
 def labelled_pool(n: int, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -361,13 +363,14 @@ def test_svhn_loader_on_tfds_mock_data():
 
 def test_svhn_grayscale(monkeypatch):
     """Flat colours come out as their luma (0.299 R + 0.587 G + 0.114 B), at 28x28."""
-    from dd_jax import data
+    from dd_jax import tfds_data
 
     colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], np.uint8)
     images = np.broadcast_to(colours[:, None, None, :], (4, 32, 32, 3)).copy()
     labels = np.arange(4)
-    monkeypatch.setattr(data, "_tfds_arrays", lambda name, data_dir: (images, labels, images, labels, 10))
-    d = data.load_svhn()
+    monkeypatch.setattr(tfds_data, "_tfds_arrays",
+                        lambda name, data_dir: (images, labels, images, labels, 10))
+    d = tfds_data.load_svhn()
     np.testing.assert_allclose(d.denormalise(d.test_x)[:, 14, 14, 0], [0.299, 0.587, 0.114, 1.0], atol=1e-5)
 
 
