@@ -11,6 +11,7 @@ optionally rows). A poisoning run also writes poisoning.png.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -64,26 +65,25 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     check_run_dir(workdir, resume)
     resume = resume and has_checkpoint(workdir / CHECKPOINT)
     writer = jax.process_index() == 0  # in a multi-host run process 0 alone writes the files
-    logs: list[MetricsLog | TensorBoardLog] = []
-
-    def begin(iteration: int) -> None:  # the checkpoint is restored: now files are written
-        if writer:
-            start_run(config, workdir, name, resume)
-            logs.append(MetricsLog(workdir / METRICS, iteration if resume else None))
-            if config.tensorboard:
-                logs.append(TensorBoardLog(workdir / TENSORBOARD, iteration if resume else None))
+    logs: list[Callable[[dict], None]] = []
 
     def log(row: dict) -> None:
         for write in logs:
             write(row)
 
-    try:
+    with contextlib.ExitStack() as open_logs:  # closed when distill ends, interrupted too
+
+        def begin(iteration: int) -> None:  # the checkpoint is restored: now files are written
+            if writer:
+                start_run(config, workdir, name, resume)
+                logs.append(MetricsLog(workdir / METRICS, iteration if resume else None))
+                if config.tensorboard:
+                    board = TensorBoardLog(workdir / TENSORBOARD, iteration if resume else None)
+                    open_logs.callback(board.close)
+                    logs.append(board)
+
         distilled = distill(dataset, model, config, workdir=workdir, resume=resume,
                             progress=progress, log=log, on_start=begin)
-    finally:  # interrupted too: the event files get every row logged
-        for write in logs:
-            if isinstance(write, TensorBoardLog):
-                write.close()
     if writer:
         save_distilled(workdir / "distilled.npz", distilled, model=config.model)
         save_image_grid(workdir / "distilled.png", distilled)
