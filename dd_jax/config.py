@@ -44,6 +44,7 @@ SECTIONS: Sections = {
         Field("epochs", 3, "E, passes over the S batches: T = S x E inner steps"),
         Field("images_per_class", 1, "images of each class in each distilled batch"),
         Field("step_size_init", 0.02, "initial learned step size eta of every inner step (eta = softplus(raw))"),
+        Field("image_init_scale", 1.0, "distilled images start as N(0, image_init_scale^2) in normalised pixel space"),
         Field("remat", False, "recompute the inner steps in the backward pass (sqrt(T) blocks): memory about flat in T, more time"),
         Field("learn_labels", False, "learn a label vector per distilled image too (one-hot init, soft-target cross-entropy)"),
         Field("images_per_step", 0, "images per distilled step (0 = images_per_class x classes); with hard labels a multiple of the classes, with learn_labels any number (classes in turn)"),

@@ -41,16 +41,17 @@ def raw_step_size(eta: float) -> float:
 
 def init_learned(
     key: jax.Array, labels: jax.Array, image_shape: tuple[int, ...], epochs: int,
-    step_size: float = 0.02, num_classes: int = 0,
+    step_size: float = 0.02, num_classes: int = 0, image_scale: float = 1.0,
 ) -> Learned:
-    """Distilled images ~ N(0, 1) in normalised pixel space, all step sizes `step_size`; with
-    num_classes > 0 also learned label vectors, initialised one-hot: one_hot(labels).
+    """Distilled images ~ N(0, image_scale^2) in normalised pixel space, all step sizes
+    `step_size`; with num_classes > 0 also learned label vectors, initialised one-hot:
+    one_hot(labels).
 
     labels (S, n) fixes the layout: S steps of n images.
     """
     steps, n = labels.shape
     return Learned(
-        images=jax.random.normal(key, (steps, n, *image_shape), jnp.float32),
+        images=image_scale * jax.random.normal(key, (steps, n, *image_shape), jnp.float32),
         raw_step_sizes=jnp.full((steps * epochs,), raw_step_size(step_size), jnp.float32),
         labels=jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) if num_classes else None,
     )

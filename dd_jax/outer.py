@@ -202,7 +202,7 @@ def build_outer_loop(dataset: Dataset, model_fn, config,
     learned = init_learned(
         jax.random.fold_in(key, IMAGES_STREAM), labels, dataset.image_shape, config.epochs,
         config.inner_lr or config.step_size_init,
-        dataset.num_classes if config.learn_labels else 0,
+        dataset.num_classes if config.learn_labels else 0, config.image_init_scale,
     )
     batches = BatchOrder(jax.random.fold_in(key, DATA_STREAM), len(train_y), config.real_batch_size)
     optimizer = make_optimizer(config, batches.per_pass)

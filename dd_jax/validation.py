@@ -16,7 +16,7 @@ def validate_config(config) -> None:
     require(config, at_least_one=("steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
                                   "passes", "n_eval_nets", "checkpoint_every", "eval_every",
                                   "log_every", "keep_checkpoints"),
-            positive=("outer_lr", "step_size_init", "decay_factor", "init_gain"))
+            positive=("outer_lr", "step_size_init", "image_init_scale", "decay_factor", "init_gain"))
     select_devices(config.devices)  # raises unless that many devices are available
     check_lr_schedule(config)
     if config.val_size < 0:

@@ -18,8 +18,8 @@ from experiments.configs import EXPERIMENTS
 # Fields that shape the checkpointed state or its random streams: fixed for a run's lifetime.
 RUN_IDENTITY = ("dataset", "data_dir", "train_subset", "model", "init_regime", "init_dist",
                 "init_gain", "steps", "epochs", "images_per_class", "n_nets", "real_batch_size",
-                "seed", "step_size_init", "pool_path", "pool_source", "pool_eval_nets", "val_size",
-                "learn_labels", "images_per_step", "inner_lr", "window")
+                "seed", "step_size_init", "image_init_scale", "pool_path", "pool_source",
+                "pool_eval_nets", "val_size", "learn_labels", "images_per_step", "inner_lr", "window")
 USAGE = ("usage: python -m experiments.run (or dd-jax) NAME [--FIELD VALUE | --FIELD=VALUE | --FLAG | "
          "--no-FLAG ...] [--resume] [--quiet] [--distributed] | --list | [NAME] --help")
 SWITCHES = {

@@ -675,6 +675,7 @@ BAD_INPUT = [
     (["mnist_fixed_init", "--outer_lr=0"], ["outer_lr must be > 0"]),
     (["mnist_fixed_init", "--outer_lr=nan"], ["outer_lr must be > 0"]),
     (["mnist_fixed_init", "--step_size_init=-0.1"], ["step_size_init must be > 0"]),
+    (["mnist_truncated", "--image_init_scale=0"], ["image_init_scale must be > 0"]),
     (["mnist_fixed_init", "--iterations=-1"], ["iterations must be >= 0"]),
     (["mnist_fixed_init", "--lr_schedule=linear"], ["unknown lr_schedule 'linear'", "step, cosine"]),
     (["mnist_fixed_init", "--warmup_iterations=-5"], ["warmup_iterations must be >= 0, got -5"]),

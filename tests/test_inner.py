@@ -211,3 +211,14 @@ def test_init_learned_layout():
     np.testing.assert_array_equal(np.asarray(again.images), imgs)
     other = init_learned(jax.random.PRNGKey(1), labels, (6, 6, 1), epochs=4, step_size=0.05)
     assert not np.allclose(np.asarray(other.images), imgs)
+
+
+def test_init_learned_image_scale():
+    """image_scale multiplies the same N(0, 1) draw; the step sizes and labels do not move."""
+    labels = distilled_labels(2, 1, 3)
+    unit = init_learned(jax.random.PRNGKey(3), labels, (4, 4, 1), epochs=2, num_classes=3)
+    small = init_learned(jax.random.PRNGKey(3), labels, (4, 4, 1), epochs=2, num_classes=3,
+                         image_scale=0.01)
+    np.testing.assert_allclose(np.asarray(small.images), 0.01 * np.asarray(unit.images), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(small.raw_step_sizes), np.asarray(unit.raw_step_sizes))
+    np.testing.assert_array_equal(np.asarray(small.labels), np.asarray(unit.labels))
