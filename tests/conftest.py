@@ -1,9 +1,13 @@
 """Shared fixtures for the dd_jax test suite.
 
-Speed: the suite runs on a 2-core CPU. Several tests compile the same LeNet meta-step and
-evaluator (the CLI runs, the distillation run); a per-session persistent XLA compilation cache
-makes every compilation after the first a cache hit, in the subprocesses the tests start too
-(through JAX_COMPILATION_CACHE_DIR). It changes no numerics.
+Speed: the suite runs on a 2-core CPU and most of its time is XLA compilation. Every
+compilation goes through a persistent XLA compilation cache, in the subprocesses the tests
+start too (through JAX_COMPILATION_CACHE_DIR): within a run the same LeNet meta-step and
+evaluator compile once, and a second run of the suite finds all of them compiled. The cache
+lives in pytest's cache directory (`.pytest_cache/d/dd_jax_xla`, emptied by
+`pytest --cache-clear`) or where JAX_COMPILATION_CACHE_DIR names;
+with pytest's cache provider off, in a temporary directory removed at the end. It changes no
+numerics: a cache entry is keyed by the program, the jax version and the device.
 """
 from __future__ import annotations
 
@@ -29,12 +33,15 @@ def pytest_configure(config):
     import jax
 
     _CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not _CACHE_DIR and getattr(config, "cache", None) is not None:
+        _CACHE_DIR = str(config.cache.mkdir("dd_jax_xla"))
     if not _CACHE_DIR:
         _CACHE_DIR = tempfile.mkdtemp(prefix="dd_jax_test_xla_cache_")
         _OWN_CACHE = True
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR  # the subprocess tests' cache too
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 def pytest_unconfigure(config):
