@@ -60,7 +60,7 @@ def save_checkpoint(path: Path, state: Any, meta: dict, keep: int = 1) -> None:
     import orbax.checkpoint as ocp
 
     meta = {**meta, "shapes": _shapes(state)}
-    with _manager(path, keep, write=True) as manager:
+    with absl_warnings_off(), _manager(path, keep, write=True) as manager:
         manager.save(meta["iteration"], args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 

@@ -24,11 +24,12 @@ class DivergedError(DDJaxError, FloatingPointError):
 
 @contextlib.contextmanager
 def absl_warnings_off() -> Iterator[None]:
-    """Silences the warnings that tensorflow-datasets and orbax log through absl on stderr,
-    where dd_jax reports what goes wrong itself, as one error line."""
+    """Silences what tensorflow-datasets and orbax log through absl on stderr (warnings, and
+    errors they recover from, such as an unparsable informational metadata file): dd_jax
+    reports what goes wrong itself, as one error line."""
     absl = logging.getLogger("absl")
     level = absl.level
-    absl.setLevel(logging.ERROR)
+    absl.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 import struct
@@ -592,6 +593,18 @@ def test_corrupted_checkpoint(reference_copy, how):
     rc, _, err = call_main([*TINY, "--iterations=8", f"--output_dir={out}", "--resume"])
     assert_one_line_error(rc, err, "checkpoint", "unreadable", "--output_dir=DIR")
     assert snapshot(out) == before
+
+
+def test_garbage_in_orbax_metadata_still_resumes_quietly(reference_copy, caplog):
+    """orbax's own _CHECKPOINT_METADATA file is informational: with garbage in it the run
+    resumes from its step and goes on, and nothing is logged."""
+    out = reference_copy
+    [step] = [p for p in (out / "checkpoint").iterdir() if p.name.isdigit()]
+    (step / "_CHECKPOINT_METADATA").write_text("garbage")
+    rc, _, err = call_main([*TINY, f"--iterations={N + 2}", f"--output_dir={out}", "--resume"])
+    assert rc == 0, err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert [r["iteration"] for r in metrics(out) if "meta_loss" in r][-3:] == [N, N + 1, N + 2]
 
 
 def test_checkpoint_of_an_earlier_version(reference_copy):
