@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dd_jax.errors import ConfigError, DataError, absl_warnings_off
+from dd_jax.errors import ConfigError, DataError, absl_logging_off
 
 LEGACY_SUFFIX = ".npz"  # the single-file checkpoints of dd-jax 0.1.0
 
@@ -60,7 +60,7 @@ def save_checkpoint(path: Path, state: Any, meta: dict, keep: int = 1) -> None:
     import orbax.checkpoint as ocp
 
     meta = {**meta, "shapes": _shapes(state)}
-    with absl_warnings_off(), _manager(path, keep, write=True) as manager:
+    with absl_logging_off(), _manager(path, keep, write=True) as manager:
         manager.save(meta["iteration"], args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
@@ -75,7 +75,7 @@ def checkpoint_meta(path: Path) -> dict:
             f"{legacy} is a checkpoint of dd-jax 0.1.0 (one .npz), which this version cannot "
             "resume; finish the run with dd-jax 0.1.0, or start a new run with --output_dir=DIR")
     try:
-        with absl_warnings_off(), _manager(path) as manager:
+        with absl_logging_off(), _manager(path) as manager:
             step = manager.latest_step()
             if step is None:
                 raise unreadable(path, "no complete step in it")
@@ -99,7 +99,7 @@ def restore_checkpoint(path: Path, template: Any) -> tuple[Any, dict]:
             "run's own config (drop the changed flags) or start a new --output_dir"
         )
     try:
-        with absl_warnings_off(), _manager(path) as manager:
+        with absl_logging_off(), _manager(path) as manager:
             state = manager.restore(meta["iteration"], args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(template))).state
     except Exception as e:  # as in checkpoint_meta

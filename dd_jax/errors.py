@@ -23,7 +23,7 @@ class DivergedError(DDJaxError, FloatingPointError):
 
 
 @contextlib.contextmanager
-def absl_warnings_off() -> Iterator[None]:
+def absl_logging_off() -> Iterator[None]:
     """Silences what tensorflow-datasets and orbax log through absl on stderr (warnings, and
     errors they recover from, such as an unparsable informational metadata file): dd_jax
     reports what goes wrong itself, as one error line."""

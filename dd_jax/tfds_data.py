@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dd_jax.dataset import NORMALISATION, Dataset, normalise, resize
-from dd_jax.errors import DataError, absl_warnings_off
+from dd_jax.errors import DataError, absl_logging_off
 
 # dataset names of load_dataset whose tfds catalog name differs
 TFDS_NAMES = {"svhn": "svhn_cropped"}
@@ -37,7 +37,7 @@ def _tfds_arrays(name: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
             f"dataset {name!r} needs tensorflow-datasets: pip install tensorflow-datasets"
         ) from None
     try:
-        with absl_warnings_off():
+        with absl_logging_off():
             (train_px, train_y), (test_px, test_y) = (
                 _tfds_split(tfds, name, split, data_dir) for split in ("train", "test")
             )

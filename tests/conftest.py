@@ -4,10 +4,10 @@ Speed: the suite runs on a 2-core CPU and most of its time is XLA compilation. E
 compilation goes through a persistent XLA compilation cache, in the subprocesses the tests
 start too (through JAX_COMPILATION_CACHE_DIR): within a run the same LeNet meta-step and
 evaluator compile once, and a second run of the suite finds all of them compiled. The cache
-lives in pytest's cache directory (`.pytest_cache/d/dd_jax_xla`, emptied by
-`pytest --cache-clear`) or where JAX_COMPILATION_CACHE_DIR names;
-with pytest's cache provider off, in a temporary directory removed at the end. It changes no
-numerics: a cache entry is keyed by the program, the jax version and the device.
+lives where JAX_COMPILATION_CACHE_DIR names, else in pytest's cache directory
+(`.pytest_cache/d/dd_jax_xla`, emptied by `pytest --cache-clear`), else (pytest's cache
+provider off) in a temporary directory removed at the end. It changes no numerics: a cache
+entry is keyed by the program, the jax version and the device.
 """
 from __future__ import annotations
 
