@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, run_main, time_steps
-from dd_jax import inner
 from dd_jax.outer import build_outer_loop
 from dd_jax.outputs import markdown_table
 from dd_jax.runs import load_data_and_model
@@ -38,24 +37,31 @@ def time_outer_steps(config, iterations: int, warmup: int = 3) -> dict:
     return timing
 
 
-def step_flops(config) -> float:
-    """FLOPs of one outer iteration: XLA's cost analysis of the config's meta-step compiled
-    with plain convolutions (the same function) and the inner loop unrolled in full (the cost
-    analysis counts a loop's body once, whatever its trip count): the algorithm's FLOPs,
-    without the recomputation of the inner steps in the backward pass of a loop longer than
-    `inner.UNROLL_UP_TO`. The remat and window paths' loops (`--remat`, `--window`) stay
-    loops: their FLOPs are undercounted."""
+def compiled_flops(config) -> float:
+    """FLOPs of one outer iteration of `config` as XLA's cost analysis counts its meta-step
+    compiled with plain convolutions (``conv='xla'``: the same function)."""
     plain = config.copy_and_resolve_references()
     plain.conv = "xla"
-    unroll_up_to, inner.UNROLL_UP_TO = inner.UNROLL_UP_TO, math.inf
-    try:
-        loop = build_outer_loop(*load_data_and_model(plain), plain)
-        idx = jnp.asarray(loop.batches(0))
-        compiled = loop.meta_step.lower(loop.state, loop.train_x, loop.train_y, idx,
-                                        loop.regime.pool).compile()
-    finally:
-        inner.UNROLL_UP_TO = unroll_up_to
+    loop = build_outer_loop(*load_data_and_model(plain), plain)
+    idx = jnp.asarray(loop.batches(0))
+    compiled = loop.meta_step.lower(loop.state, loop.train_x, loop.train_y, idx,
+                                    loop.regime.pool).compile()
     return float(compiled.cost_analysis()["flops"])
+
+
+def step_flops(config) -> float:
+    """FLOPs of one outer iteration: the algorithm's, without the recomputation of inner
+    steps in the backward pass. XLA's cost analysis counts a loop's body once whatever its
+    trip count, so the T-step unroll is counted as the line through one- and two-step
+    unrolls of the same batches (`compiled_flops` with steps = epochs = 1, then epochs = 2;
+    both at most `inner.UNROLL_UP_TO` steps, unrolled in full): F(T) = F(1) + (T - 1)
+    (F(2) - F(1)), every inner step costing the same. The remat and window paths' loops
+    (`--remat`, `--window`) stay loops: their FLOPs are undercounted."""
+    one, two = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+    one.steps = two.steps = one.epochs = 1
+    two.epochs = 2
+    f1, f2 = compiled_flops(one), compiled_flops(two)
+    return f1 + (config.steps * config.epochs - 1) * (f2 - f1)
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 20) -> float:

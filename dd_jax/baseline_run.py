@@ -17,7 +17,7 @@ from dd_jax.evaluation import accuracy_row, evaluate
 from dd_jax.knn import knn_of
 from dd_jax.models import as_model
 from dd_jax.outputs import save_image_grid, write_json
-from dd_jax.runs import RESULTS, load_data_and_model, machine_info, refuse_resume, start_run
+from dd_jax.runs import RESULTS, load_data_and_model, refuse_resume, start_run
 
 
 def evaluate_row(method: str, data: DistilledData, dataset: Dataset, model_fn, config) -> dict:
@@ -76,7 +76,7 @@ def run_baselines(config, workdir: str | Path, *, name: str = "", resume: bool =
     distilled = load_reference(config, dataset, model) if config.distilled else None
     t0 = time.perf_counter()
     maker = BaselineMaker(dataset, model, config)  # checks the split before anything is written
-    start_run(config, workdir, name)
+    machine = start_run(config, workdir, name)
 
     rows = []
     for method in tqdm(methods, desc="baselines", disable=not progress, dynamic_ncols=True):
@@ -103,7 +103,7 @@ def run_baselines(config, workdir: str | Path, *, name: str = "", resume: bool =
         "test_acc": best["test_acc"], "test_acc_std": best["test_acc_std"],
         "eval_nets": best["eval_nets"], "test_acc_method": best["method"],
         "score_holdout": config.score_holdout, "knn_k": config.knn_k, "rows": rows,
-        "distill_seconds": time.perf_counter() - t0, "machine": machine_info(),
+        "distill_seconds": time.perf_counter() - t0, "machine": machine,
     }
     write_json(workdir / RESULTS, results)
     return results

@@ -66,6 +66,7 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
     resume = resume and has_checkpoint(workdir / CHECKPOINT)
     writer = jax.process_index() == 0  # in a multi-host run process 0 alone writes the files
     logs: list[Callable[[dict], None]] = []
+    started: dict = {}  # process 0's machine_info() as the run starts (`start_run`)
 
     def log(row: dict) -> None:
         for write in logs:
@@ -75,7 +76,7 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
 
         def begin(iteration: int) -> None:  # the checkpoint is restored: now files are written
             if writer:
-                start_run(config, workdir, name, resume)
+                started.update(start_run(config, workdir, name, resume))
                 logs.append(MetricsLog(workdir / METRICS, iteration if resume else None))
                 if config.tensorboard:
                     board = TensorBoardLog(workdir / TENSORBOARD, iteration if resume else None)
@@ -115,7 +116,7 @@ def run_distillation(config, workdir: str | Path, *, name: str = "", resume: boo
         "step_sizes": distilled.step_sizes.tolist(),
         "distill_seconds": distill_seconds,
         "eval_seconds": time.perf_counter() - t1,
-        "machine": machine_info(),
+        "machine": started or machine_info(),
     }
     if distilled.selected is not None:
         results["selected"] = distilled.selected
@@ -146,7 +147,7 @@ def run_pool(config, workdir: str | Path, *, name: str = "", resume: bool = Fals
     workdir = Path(workdir)
     validate_pool_config(config)
     dataset, model = load_data_and_model(config)
-    start_run(config, workdir, name)
+    machine = start_run(config, workdir, name)
     t0 = time.perf_counter()
     params, epoch_losses = train_pool(dataset, model, config, progress=progress)
     jax.block_until_ready(params)
@@ -168,7 +169,7 @@ def run_pool(config, workdir: str | Path, *, name: str = "", resume: bool = Fals
         "test_accs": acc["accuracies"], "final_train_loss": float(epoch_losses[-1].mean()),
         "pool_size": meta["pool_size"], "pool_path": str(workdir / POOL_FILE),
         "fingerprint": meta["fingerprint"], "train": train, "distill_seconds": seconds,
-        "machine": machine_info(),
+        "machine": machine,
     }
     write_json(workdir / RESULTS, results)
     return results

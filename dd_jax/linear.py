@@ -33,7 +33,7 @@ from dd_jax.meta import Learned, init_learned, meta_loss
 from dd_jax.models import Model
 from dd_jax.outputs import saved_figure, write_json
 from dd_jax.regimes import DATA_STREAM, IMAGES_STREAM, make_regime
-from dd_jax.runs import RESULTS, machine_info, refuse_resume, start_run
+from dd_jax.runs import RESULTS, refuse_resume, start_run
 from dd_jax.schedule import check_lr_schedule, make_optimizer
 
 PLOT = "linear_analysis.png"
@@ -252,7 +252,7 @@ def run_linear(config, workdir: str | Path, *, name: str = "", resume: bool = Fa
     refuse_resume(config, resume)
     workdir = Path(workdir)
     validate_linear_config(config)
-    start_run(config, workdir, name)
+    machine = start_run(config, workdir, name)
 
     key = jax.random.PRNGKey(config.seed)
     problem = make_problem(jax.random.fold_in(key, DATA_STREAM), config.dim,
@@ -298,7 +298,7 @@ def run_linear(config, workdir: str | Path, *, name: str = "", resume: bool = Fa
                         for r in rows if r["points"] in (1, config.dim - 1, config.dim,
                                                          config.max_points))
         ),
-        "machine": machine_info(),
+        "machine": machine,
     }
     write_json(workdir / RESULTS, results)
     return results

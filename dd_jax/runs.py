@@ -47,17 +47,19 @@ def check_run_dir(workdir: Path, resume: bool) -> None:
         )
 
 
-def start_run(config, workdir: Path, name: str, resume: bool = False) -> None:
+def start_run(config, workdir: Path, name: str, resume: bool = False) -> dict:
     """`check_run_dir`, then creates `workdir` and writes the run's config.json; a directory
-    that cannot be created or written is a ConfigError."""
+    that cannot be created or written is a ConfigError. Returns `machine_info()` as the run
+    starts, for its results.json: the commit the run imported, not a later checkout's."""
     check_run_dir(workdir, resume)
-    git_state()  # the commit results.json will name: the one this run started from
+    machine = machine_info()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json(workdir / CONFIG, {"experiment": name, **config.to_dict()})
     except OSError as e:
         raise ConfigError(f"cannot write the output directory {workdir} ({e.strerror or e}); "
                           "choose a writable one with --output_dir=DIR") from None
+    return machine
 
 
 def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
@@ -69,8 +71,7 @@ def load_data_and_model(config) -> tuple[Dataset, nn.Module]:
 
 def git_state() -> tuple[str | None, bool | None]:
     """(commit, whether tracked files differ from it) of the git checkout that dd_jax is
-    imported from, as it was when this process first asked (`start_run` asks: the code a run
-    imported, not a later checkout's); (None, None) outside one or without git."""
+    imported from, as it was when this process first asked; (None, None) outside one or without git."""
     return _git_state(Path(dd_jax.__file__).resolve().parent.parent)
 
 

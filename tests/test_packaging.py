@@ -86,6 +86,7 @@ def test_commit_is_the_one_a_run_started_from(monkeypatch, tmp_path):
                           text=True)
     expected = head.stdout.strip() if head.returncode == 0 else None
     runs._git_state.cache_clear()
-    runs.start_run(default_config(), tmp_path / "run", "mnist_fixed_init")
+    machine = runs.start_run(default_config(), tmp_path / "run", "mnist_fixed_init")
+    assert machine["git_commit"] == expected
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("git asked again"))
     assert machine_info()["git_commit"] == expected

@@ -470,3 +470,16 @@ def test_sensitivity_perturbs_only_the_images(digits28, monkeypatch):
     for move in moves:  # the images moved, by noise of std 0.5
         assert abs(float(np.std(move)) - 0.5) < 0.02 and abs(float(np.mean(move))) < 0.02
     assert not np.array_equal(moves[0], moves[1]) and not np.array_equal(moves[1], moves[2])
+
+
+@pytest.mark.slow
+def test_step_flops_is_the_line_through_short_unrolls():
+    """The FLOP count of a T-step unroll from one- and two-step unrolls equals XLA's count of
+    the same unroll compiled in full (T = 6 <= inner.UNROLL_UP_TO: unrolled in full)."""
+    from benchmarks.common import experiment_config
+    from benchmarks.outer_step import compiled_flops, step_flops
+
+    config = experiment_config("mnist_fixed_init", {"steps": "2", "epochs": "3",
+                                                    "real_batch_size": "16", "train_subset": "64",
+                                                    "val_size": "16"})
+    assert step_flops(config) == pytest.approx(compiled_flops(config), rel=0.01)
