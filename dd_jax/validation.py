@@ -6,7 +6,7 @@ from dd_jax.config import require
 from dd_jax.errors import ConfigError
 from dd_jax.pretrain import pool_path
 from dd_jax.regimes import PRETRAINED_REGIMES, check_regime
-from dd_jax.schedule import check_lr_schedule
+from dd_jax.schedule import check_clipping, check_lr_schedule
 from dd_jax.sharding import select_devices
 from dd_jax.unroll import INNER_OPTIMIZERS
 
@@ -19,6 +19,7 @@ def validate_config(config) -> None:
             positive=("outer_lr", "step_size_init", "image_init_scale", "decay_factor", "init_gain"))
     select_devices(config.devices)  # raises unless that many devices are available
     check_lr_schedule(config)
+    check_clipping(config)
     if config.val_size < 0:
         raise ConfigError(f"val_size must be >= 0 (0: no validation holdout), got {config.val_size}")
     if config.iterations < 0:

@@ -362,9 +362,10 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
     assert checkpoint_meta(b / "checkpoint")["iteration"] == N
 
 
-# learned labels (5 images for the 10 classes), momentum, a random 2-step window of T = 4
+# learned labels (5 images for the 10 classes) kept >= 0, momentum, a random 2-step window of
+# T = 4, the images' gradient clipped to twice its norms' moving average (state in the checkpoint)
 BEYOND = [*TINY, "--learn_labels=true", "--images_per_step=5", "--epochs=4", "--window=2",
-          "--inner_optimizer=momentum"]
+          "--inner_optimizer=momentum", "--grad_clip_ema=0.9", "--nonneg_labels=true"]
 
 
 @pytest.fixture(scope="module")
@@ -692,6 +693,8 @@ BAD_INPUT = [
     (["mnist_fixed_init", "--iterations=-1"], ["iterations must be >= 0"]),
     (["mnist_fixed_init", "--lr_schedule=linear"], ["unknown lr_schedule 'linear'", "step, cosine"]),
     (["mnist_fixed_init", "--warmup_iterations=-5"], ["warmup_iterations must be >= 0, got -5"]),
+    (["mnist_fixed_init", "--nonneg_labels=true"], ["labels are not learned", "--learn_labels=true"]),
+    (["mnist_truncated", "--grad_clip_ema=1.5"], ["grad_clip_ema must be in [0, 1)"]),
     (["mnist_fixed_init", "--n_nets=2"], ["n_nets must be 1", "--init_regime=random"]),
     (["mnist_fixed_init", "--init_regime=sometimes"], ["unknown init_regime 'sometimes'"]),
     (["mnist_random_init", "--init_dist=glorot"], ["unknown init_dist 'glorot'", "xavier_normal"]),

@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import dd_jax
 from dd_jax.config import default_config
 from dd_jax.evaluation import Evaluator
+from dd_jax.meta import Learned
 from dd_jax.models import LeNet, as_model
 from dd_jax.outer import build_outer_loop
-from dd_jax.schedule import make_optimizer
+from dd_jax.schedule import clip_by_ema_norm, make_optimizer
 from dd_jax.selection import BestOnValidation
 
 ITERATIONS = 300
@@ -122,6 +125,54 @@ def test_outer_learning_rate_schedule(schedule, overrides, expected):
     for t in range(20):
         updates, state = optimizer.update(jnp.ones(()), state, params)
         np.testing.assert_allclose(-float(updates), expected(t), rtol=1e-4, atol=1e-8)
+
+
+def test_clip_by_ema_norm_bounds_the_norm_by_twice_its_moving_average():
+    """Norms 1, 10, 1: the first sets the average (no clipping), the second is clipped to
+    2 x (0.9 x 1 + 0.1 x 10) = 3.8, the third passes; the direction is kept."""
+    clip = clip_by_ema_norm(0.9)
+    grads = [jnp.array([0.6, 0.8]), jnp.array([6.0, 8.0]), jnp.array([0.0, 1.0])]
+    state = clip.init(grads[0])
+    norms = []
+    for g in grads:
+        out, state = clip.update(g, state)
+        np.testing.assert_allclose(out / jnp.linalg.norm(out), g / jnp.linalg.norm(g), rtol=1e-6)
+        norms.append(float(jnp.linalg.norm(out)))
+    np.testing.assert_allclose(norms, [1.0, 3.8, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(float(state.ema), 0.9 * 1.9 + 0.1 * 1.0, rtol=1e-6)
+
+
+def test_feng_clipping_touches_only_images_and_keeps_labels_non_negative():
+    """grad_clip_ema clips the images' gradient alone (Adam then sees the clipped gradient);
+    nonneg_labels stops learned labels at 0 and leaves the other entries as Adam moves them."""
+    config = small_config(grad_clip_ema=0.9, nonneg_labels=True, learn_labels=True, outer_lr=0.5)
+    optimizer, adam = make_optimizer(config, 3), make_optimizer(small_config(outer_lr=0.5), 3)
+    learned = Learned(images=jnp.ones((1, 2, 3)), raw_step_sizes=jnp.zeros(3),
+                      labels=jnp.array([[[0.2, 1.0]]]))
+    grads = Learned(images=jnp.full((1, 2, 3), 0.5), raw_step_sizes=jnp.ones(3),
+                    labels=jnp.array([[[1.0, -1.0]]]))
+    state, adam_state = optimizer.init(learned), adam.init(learned)
+    for scale, clipped_scale in ((1.0, 1.0), (100.0, 2 * (0.9 + 0.1 * 100))):
+        g = grads.replace(images=scale * grads.images)
+        updates, state = optimizer.update(g, state, learned)
+        expected, adam_state = adam.update(grads.replace(images=clipped_scale * grads.images),
+                                           adam_state, learned)
+        np.testing.assert_allclose(updates.images, expected.images, rtol=1e-6)
+        np.testing.assert_allclose(updates.raw_step_sizes, expected.raw_step_sizes)
+        learned_next = optax.apply_updates(learned, updates)
+        np.testing.assert_array_equal(learned_next.labels[..., 0], 0.0)  # 0.2 - 0.5: stopped at 0
+        np.testing.assert_allclose(learned_next.labels[..., 1],
+                                   (learned.labels + expected.labels)[..., 1])
+        learned = learned_next
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(grad_clip_ema=1.0), "grad_clip_ema must be in [0, 1)"),
+    (dict(nonneg_labels=True), "add --learn_labels=true or drop --nonneg_labels"),
+])
+def test_clipping_flags_are_checked(overrides, message):
+    with pytest.raises(dd_jax.ConfigError, match=re.escape(message)):
+        build_outer_loop(None, LeNet(), small_config(**overrides))
 
 
 def test_cosine_warmup_must_be_shorter_than_the_run():
