@@ -85,7 +85,73 @@ def speed_block(results: Path) -> str:
                           rows) + "\n"
 
 
-BLOCKS = {"headline": headline_block, "paper": paper_block, "speed": speed_block}
+# The experiments beyond the paper and what each is measured against.
+BEYOND = (
+    ("mnist_soft_labels", "over 96 (Sucholutsky & Schonlau); target >= 96.5"),
+    ("mnist_soft_labels_5", "almost 92 (Sucholutsky & Schonlau); target >= 92.5"),
+    ("mnist_random_init_soft", "target >= 90 (the paper's hard labels: 79.5 ± 8.1)"),
+    ("mnist_truncated", "DC, 1 image per class: 91.7 (standard protocol)"),
+    ("mnist_truncated_10", "DC, 10 images per class: 97.4 (standard protocol)"),
+)
+FULL_PASSES = 400
+
+
+def schedule_of(config: dict) -> str:
+    """A run's length as its config gives it: 'full (400 passes)', 'N passes' or 'N iterations'."""
+    if config["iterations"]:
+        return f"{config['iterations']:,} iterations"
+    return "full (400 passes)" if config["passes"] == FULL_PASSES else f"{config['passes']} passes"
+
+
+def longest_run(results: Path, name: str) -> tuple[Path, dict, dict] | None:
+    """(folder, config, results) of `name`'s canonical run, else of its archived run that saw
+    the most real images; None if neither exists."""
+    runs = []
+    for d in [results / name, *sorted((results / "archive").glob(f"{name}_*"))]:
+        if (d / "results.json").exists() and (d / "config.json").exists():
+            config = json.loads((d / "config.json").read_text())
+            if config.get("experiment") == name:
+                seen = (config["iterations"] * config["real_batch_size"] if config["iterations"]
+                        else config["passes"] * 60_000)
+                runs.append((d == results / name, seen, d, config))
+    if not runs:
+        return None
+    *_, d, config = max(runs, key=lambda r: r[:2])
+    return d, config, json.loads((d / "results.json").read_text())
+
+
+def accuracy(r: dict) -> str:
+    """A results.json's or evaluation's test accuracy (%), with its spread over several nets."""
+    acc = f"{100 * r['test_acc']:.2f}"
+    return acc + (f" ± {100 * r['test_acc_std']:.2f} ({r['eval_nets']})" if r["eval_nets"] > 1 else "")
+
+
+STANDARD_MODELS = ("lenet", "convnet")  # the standard-protocol columns of the beyond block
+
+
+def beyond_block(results: Path) -> str:
+    """Learned labels and truncated unrolls: each experiment's canonical run, else its longest
+    archived one, beside what it is measured against; its paper-protocol accuracy
+    (results.json) and the standard-protocol ones evaluated beside it (evaluate_standard_*.json)."""
+    rows = []
+    for name, against in BEYOND:
+        run = longest_run(results, name)
+        if run is None:
+            rows.append([f"`{name}`", against, "not run yet", "", "", "", ""])
+            continue
+        d, config, r = run
+        standard = [d / f"evaluate_standard_{m}.json" for m in STANDARD_MODELS]
+        rows.append([f"`{name}`", against, accuracy(r),
+                     *(accuracy(json.loads(f.read_text())) if f.exists() else "not run"
+                       for f in standard),
+                     schedule_of(config), f"`{d.relative_to(results.parent)}`"])
+    return markdown_table(["experiment", "measured against (%)", "paper protocol (%)",
+                           "standard, LeNet (%)", "standard, ConvNet-3 (%)", "schedule", "run"],
+                          rows) + "\n"
+
+
+BLOCKS = {"headline": headline_block, "paper": paper_block, "speed": speed_block,
+          "beyond": beyond_block}
 
 
 def render(text: str, results: Path) -> str:
