@@ -7,8 +7,9 @@ Runs the config's outer loop `iterations` times (after warm-up) under ``jax.prof
 and prints, per outer iteration: the ops' summed time by duration class (how much of it is
 per-op overhead), by kind (the op's name without its number: ``slice_bitcast_fusion``,
 ``dot``, ...), and the `top` single ops with their shape and what the jaxpr called them
-(forward, ``transpose(jvp(...))`` = backward, ``checkpoint`` = recomputed). XLA:CPU runs
-independent ops on both cores at once, so the ops' summed time can exceed the wall time.
+(forward, ``transpose(jvp(...))`` = backward, ``checkpoint`` = recomputed). Only ops that
+hold no other op are counted (a loop's time is its body's). XLA:CPU runs independent ops on
+both cores at once, so the ops' summed time can exceed the wall time.
 """
 from __future__ import annotations
 
@@ -28,19 +29,29 @@ from dd_jax.outer import build_outer_loop
 from dd_jax.outputs import markdown_table
 from dd_jax.runs import load_data_and_model
 
-# Trace events that are not XLA ops: Python frames ('$...'), the executor and thread pool.
-NOT_OPS = ("$", "ThunkExecutor", "SlinkyThreadPool")
+# Trace events that are not XLA ops: Python frames ('$...'), the executor and thread pool, and
+# the markers of asynchronous ops' ends.
+NOT_OPS = ("$", "ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end: ")
 DURATION_CLASSES_US = ((0, 5), (5, 20), (20, 100), (100, float("inf")))
 
 
 def op_events(trace_dir: Path) -> list[tuple[str, float]]:
-    """(op name, microseconds) of every XLA op in the perfetto trace under `trace_dir`."""
+    """(op name, microseconds) of every XLA op in the perfetto trace under `trace_dir` that
+    holds no other op: a loop or conditional whose body's ops are traced inside it (on its
+    thread, within its span) is left out, so that no time is counted twice."""
     [path] = trace_dir.glob("**/*.trace.json.gz")
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    return [(e["name"], float(e.get("dur", 0))) for e in events
-            if e.get("ph") == "X" and not e["name"].startswith(NOT_OPS)]
+    ops = sorted((e for e in events if e.get("ph") == "X" and not e["name"].startswith(NOT_OPS)),
+                 key=lambda e: (e["pid"], e["tid"], e["ts"], -e.get("dur", 0)))
+    leaves = []
+    for e, after in zip(ops, [*ops[1:], None]):
+        holds_next = (after is not None and (after["pid"], after["tid"]) == (e["pid"], e["tid"])
+                      and after["ts"] < e["ts"] + e.get("dur", 0))
+        if not holds_next:
+            leaves.append((e["name"], float(e.get("dur", 0))))
+    return leaves
 
 
 def op_kind(name: str) -> str:
