@@ -483,3 +483,23 @@ def test_step_flops_is_the_line_through_short_unrolls():
                                                     "real_batch_size": "16", "train_subset": "64",
                                                     "val_size": "16"})
     assert step_flops(config) == pytest.approx(compiled_flops(config), rel=0.01)
+
+
+def test_op_profile_counts_each_op_once(tmp_path):
+    """A loop traced around its body's ops counts as its body; markers and Python frames are
+    not ops; ops on another thread at the same time are counted."""
+    import gzip
+
+    from benchmarks.op_profile import op_events
+
+    def op(name, ts, dur, tid=1):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 7, "tid": tid}
+
+    events = [op("while.3", 0, 100), op("ffi_call.1", 5, 40), op("copy.2", 50, 30),
+              op("end: copy.2", 80, 0), op("$api.py:1 f", 0, 200), op("dot.4", 10, 60, tid=2),
+              op("add.5", 120, 10)]
+    (tmp_path / "plugins").mkdir()
+    with gzip.open(tmp_path / "plugins" / "x.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert sorted(op_events(tmp_path)) == [("add.5", 10.0), ("copy.2", 30.0),
+                                           ("dot.4", 60.0), ("ffi_call.1", 40.0)]
