@@ -218,7 +218,10 @@ def evaluate_standard(distilled, dataset, model_fn, n_nets: int = 20, seed: int 
     """The standard protocol: `n_nets` networks trained from scratch on the distilled images
     (all S steps' batches as one set, its own labels) by `recipe`, each tested on dataset's
     test set (in chunks of 500 images: ConvNet-3's im2col patches of larger chunks take
-    gigabytes). Keys from jax.random.PRNGKey(seed). Returns `summarise` of the accuracies."""
+    gigabytes). Keys from jax.random.PRNGKey(seed). Returns `summarise` of the accuracies and
+    'diverged': how many networks ended with non-finite weights (their accuracy is chance's;
+    e.g. soft labels with negative entries make the soft-target cross-entropy unbounded
+    below)."""
     model = as_model(model_fn)
     check_labels(distilled.train_labels, dataset.num_classes)
     if n_nets < 1 or recipe.epochs < 1 or recipe.batch_size < 1:
@@ -227,7 +230,9 @@ def evaluate_standard(distilled, dataset, model_fn, n_nets: int = 20, seed: int 
     x, y = flat_set(distilled.images, distilled.train_labels)
     params = train_networks(model, jax.random.PRNGKey(seed), n_nets, x, y, recipe, vmap)
     evaluator = Evaluator(model.apply, 1, dataset.test_x, dataset.test_y, chunk=500)
-    return summarise(evaluator.untrained(params))
+    finite = jax.vmap(lambda p: jnp.all(jnp.stack([jnp.isfinite(a).all()
+                                                   for a in jax.tree.leaves(p)])))(params)
+    return {**summarise(evaluator.untrained(params)), "diverged": int(n_nets - finite.sum())}
 
 
 def evaluate_protocol(protocol: str, distilled, dataset, model_fn, *, n_nets: int | None = None,

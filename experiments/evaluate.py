@@ -102,8 +102,21 @@ def evaluate_file(path: str | Path, *, protocol: str = "standard", model: str = 
                       untrained_acc=acc["untrained"]["mean"],
                       untrained_acc_std=acc["untrained"]["std"])
     else:
-        record.update(recipe=dataclasses.asdict(recipe), seed=seed)
+        record.update(recipe=dataclasses.asdict(recipe), seed=seed, diverged=acc["diverged"],
+                      negative_labels=bool(distilled.soft_labels is not None
+                                           and (distilled.soft_labels < 0).any()))
     return record
+
+
+def divergence_warning(record: dict) -> str:
+    """'' or a line saying how many networks diverged, and why when the labels say why."""
+    if not record.get("diverged"):
+        return ""
+    why = (": the soft labels have negative entries, which make the soft-target cross-entropy "
+           "unbounded below under long training; distil with --nonneg_labels=true"
+           if record["negative_labels"] else "")
+    return (f"warning: {record['diverged']} of {record['eval_nets']} networks diverged "
+            f"(non-finite weights; their accuracy is chance's){why}")
 
 
 def output_stem(path: Path, protocol: str, model: str) -> str:
@@ -144,7 +157,9 @@ def markdown(record: dict) -> str:
          "training", "seconds"),
         [(record["distilled"], record["protocol"], record["model"], record["dataset"],
           record["images"], record["labels"],
-          percent(record), record["eval_nets"], how(record), f"{record['seconds']:.0f}")]) + "\n"
+          percent(record),
+          f"{record['eval_nets']}" + (f" ({d} diverged)" if (d := record.get("diverged")) else ""),
+          how(record), f"{record['seconds']:.0f}")]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{path}: {record['protocol']} protocol, {record['model']}: test accuracy "
           f"{accuracy_text(record)} ({record['test_examples']} test images, "
           f"{record['seconds']:.0f} s); outputs in {out / stem}.json")
+    if warning := divergence_warning(record):
+        print(warning, file=sys.stderr)
     return 0
 
 

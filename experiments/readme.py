@@ -121,9 +121,12 @@ def longest_run(results: Path, name: str) -> tuple[Path, dict, dict] | None:
 
 
 def accuracy(r: dict) -> str:
-    """A results.json's or evaluation's test accuracy (%), with its spread over several nets."""
+    """A results.json's or evaluation's test accuracy (%), with its spread over several nets
+    and how many diverged."""
     acc = f"{100 * r['test_acc']:.2f}"
-    return acc + (f" ± {100 * r['test_acc_std']:.2f} ({r['eval_nets']})" if r["eval_nets"] > 1 else "")
+    if r["eval_nets"] > 1:
+        acc += f" ± {100 * r['test_acc_std']:.2f} ({r['eval_nets']})"
+    return acc + (f", {d} of {r['eval_nets']} diverged" if (d := r.get("diverged")) else "")
 
 
 STANDARD_MODELS = ("lenet", "convnet")  # the standard-protocol columns of the beyond block

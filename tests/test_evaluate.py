@@ -146,6 +146,23 @@ def test_soft_one_hot_labels_train_as_hard_labels(mnist):
     assert p_hard["mean"] != p_hard["untrained"]["mean"]
 
 
+def test_negative_soft_labels_diverge_and_are_counted(mnist):
+    """Soft labels with a negative entry make the soft-target cross-entropy unbounded below:
+    300 epochs of SGD drive an MLP's weights to non-finite values, which the standard protocol
+    counts; the same images with one-hot labels train."""
+    d = real_set(mnist, per_class=1)
+    recipe = Recipe(epochs=300)
+    onehot = DistilledData(**{**vars(d), "soft_labels": soft(d.labels)})
+    negative = DistilledData(**{**vars(d), "soft_labels": soft(d.labels) - 3 * soft((d.labels + 1) % 10)})
+    ok = evaluate_standard(onehot, mnist, MLP(), n_nets=2, recipe=recipe)
+    bad = evaluate_standard(negative, mnist, MLP(), n_nets=2, recipe=recipe)
+    assert ok["diverged"] == 0 and min(ok["accuracies"]) > 0.3
+    assert bad["diverged"] == 2
+    warning = cli.divergence_warning({"diverged": 2, "eval_nets": 2, "negative_labels": True})
+    assert warning.startswith("warning: 2 of 2 networks diverged") and "--nonneg_labels=true" in warning
+    assert cli.divergence_warning({"diverged": 0, "eval_nets": 2, "negative_labels": True}) == ""
+
+
 def test_check_labels_rejects_malformed_labels():
     with pytest.raises(DataError, match="soft labels have 3 classes"):
         check_labels(np.zeros((1, 2, 3), np.float32), 10)
