@@ -12,7 +12,9 @@ initialisations (fixed: its stored theta_0; random: n_nets held-out draws), on t
 distilled for. Mean +- std of the test accuracy (the full test set unless --test_subset) goes
 to DIR/evaluate_<protocol>_<model>.json and .md (DIR: --out, default the npz's folder; a file
 not named distilled.npz adds its name: evaluate_standard_lenet_baseline_kmeans.json). The
-dataset defaults to the one named in config.json beside the npz, else mnist.
+dataset defaults to the one named in config.json beside the npz, else mnist. Under the standard
+protocol, networks whose weights end non-finite are counted ('diverged' in the JSON) and a
+warning line on stderr says how many, and why when the soft labels have negative entries.
 """
 from __future__ import annotations
 
