@@ -115,7 +115,7 @@ def divergence_warning(record: dict) -> str:
     if not record.get("diverged"):
         return ""
     why = (": the soft labels have negative entries, which make the soft-target cross-entropy "
-           "unbounded below under long training; distil with --nonneg_labels=true"
+           "unbounded below under long training (--nonneg_labels=true keeps distilled labels >= 0)"
            if record["negative_labels"] else "")
     return (f"warning: {record['diverged']} of {record['eval_nets']} networks diverged "
             f"(non-finite weights; their accuracy is chance's){why}")
