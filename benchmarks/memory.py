@@ -35,7 +35,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks.common import experiment_config, machine_info, machine_line, number_list, parse_flags, run_main
 from dd_jax.config import default_config
@@ -95,8 +94,8 @@ def measure(dataset, model_fn, config, max_run_bytes: float = float("inf")) -> d
     execution, so no buffer of an earlier one is reused) and measures the peak resident memory
     above the resident memory just before. Sizes in MiB."""
     loop = build_outer_loop(dataset, model_fn, config)
-    args = (loop.state, loop.train_x, loop.train_y, jnp.asarray(loop.batches(0)), loop.regime.pool)
-    compiled = loop.meta_step.lower(*args).compile()
+    args = loop.step_args(loop.state, 0)
+    compiled = loop.compiled_step()
     analysis = compiled.memory_analysis()
     row = {
         "T": config.steps * config.epochs, "remat": bool(config.remat),

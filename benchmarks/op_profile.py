@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, run_main
 from dd_jax.outer import build_outer_loop
@@ -82,9 +81,7 @@ def main(argv: list[str]) -> None:
                 state, out = loop.step(state, it)
             jax.block_until_ready(out)
         events = op_events(Path(tmp))
-    idx = jnp.asarray(loop.batches(0))
-    hlo = hlo_lines(loop.meta_step.lower(state, loop.train_x, loop.train_y, idx,
-                                         loop.regime.pool).compile().as_text())
+    hlo = hlo_lines(loop.compiled_step(state).as_text())
     total = sum(d for _, d in events) / n / 1e3
     print(f"{config.steps * config.epochs} inner steps, {config.n_nets} nets: {len(events) // n} "
           f"ops and {total:.1f} ms of op time per outer iteration\n")

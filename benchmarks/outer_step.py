@@ -43,10 +43,7 @@ def compiled_flops(config) -> float:
     plain = config.copy_and_resolve_references()
     plain.conv = "xla"
     loop = build_outer_loop(*load_data_and_model(plain), plain)
-    idx = jnp.asarray(loop.batches(0))
-    compiled = loop.meta_step.lower(loop.state, loop.train_x, loop.train_y, idx,
-                                    loop.regime.pool).compile()
-    return float(compiled.cost_analysis()["flops"])
+    return float(loop.compiled_step().cost_analysis()["flops"])
 
 
 def step_flops(config) -> float:

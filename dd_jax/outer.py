@@ -147,10 +147,20 @@ class OuterLoop:
     val_y: np.ndarray | None = None
     inner: InnerSpec | None = None
 
+    def step_args(self, state: DistillState, iteration: int) -> tuple:
+        """`meta_step`'s arguments for one outer iteration on the real batch `iteration` draws."""
+        idx = jnp.asarray(self.batches(iteration))
+        return state, self.train_x, self.train_y, idx, self.regime.pool
+
     def step(self, state: DistillState, iteration: int) -> tuple[DistillState, jax.Array]:
         """One outer iteration on the real batch that `iteration` draws."""
-        idx = jnp.asarray(self.batches(iteration))
-        return self.meta_step(state, self.train_x, self.train_y, idx, self.regime.pool)
+        return self.meta_step(*self.step_args(state, iteration))
+
+    def compiled_step(self, state: DistillState | None = None) -> jax.stages.Compiled:
+        """The meta-step as XLA compiles it (for its cost, memory and HLO text), from `state`
+        (default the initial one) on iteration 0's real batch."""
+        return self.meta_step.lower(*self.step_args(
+            self.state if state is None else state, 0)).compile()
 
     def accuracy_on(self, x: np.ndarray, y: np.ndarray, n_nets: int) -> Callable[[Learned], dict]:
         """learned -> `summarise`d accuracy on (x (N, H, W, C), y (N,)) of networks trained on
