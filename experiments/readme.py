@@ -21,15 +21,22 @@ README = ROOT / "README.md"
 HEADLINE = "mnist_fixed_init"
 
 
-def headline_runs(results: Path) -> list[tuple[int, dict]]:
-    """(seed, results.json) of the headline's canonical run and its archived seeds, by seed."""
-    dirs = [results / HEADLINE, *sorted((results / "archive").glob(f"{HEADLINE}_seed*"))]
-    runs = {}
-    for d in dirs:
+def committed_runs(results: Path, name: str, archived: str = "*") -> list[tuple[Path, dict]]:
+    """(folder, config.json) of `name`'s canonical run and of its archived runs in folders
+    `name`_`archived`, each holding results.json and made by experiment `name`."""
+    runs = []
+    for d in [results / name, *sorted((results / "archive").glob(f"{name}_{archived}"))]:
         if (d / "results.json").exists() and (d / "config.json").exists():
             config = json.loads((d / "config.json").read_text())
-            if config.get("experiment") == HEADLINE:
-                runs[config["seed"]] = json.loads((d / "results.json").read_text())
+            if config.get("experiment") == name:
+                runs.append((d, config))
+    return runs
+
+
+def headline_runs(results: Path) -> list[tuple[int, dict]]:
+    """(seed, results.json) of the headline's canonical run and its archived seeds, by seed."""
+    runs = {config["seed"]: json.loads((d / "results.json").read_text())
+            for d, config in committed_runs(results, HEADLINE, "seed*")}
     return sorted(runs.items())
 
 
@@ -94,6 +101,7 @@ BEYOND = (
     ("mnist_truncated_10", "DC, 10 images per class: 97.4 (standard protocol)"),
 )
 FULL_PASSES = 400
+MNIST_TRAIN = 60_000  # the real images one pass over MNIST sees (the beyond experiments are MNIST)
 
 
 def schedule_of(config: dict) -> str:
@@ -106,17 +114,16 @@ def schedule_of(config: dict) -> str:
 def longest_run(results: Path, name: str) -> tuple[Path, dict, dict] | None:
     """(folder, config, results) of `name`'s canonical run, else of its archived run that saw
     the most real images; None if neither exists."""
-    runs = []
-    for d in [results / name, *sorted((results / "archive").glob(f"{name}_*"))]:
-        if (d / "results.json").exists() and (d / "config.json").exists():
-            config = json.loads((d / "config.json").read_text())
-            if config.get("experiment") == name:
-                seen = (config["iterations"] * config["real_batch_size"] if config["iterations"]
-                        else config["passes"] * 60_000)
-                runs.append((d == results / name, seen, d, config))
+    def rank(run: tuple[Path, dict]) -> tuple[bool, int]:
+        d, config = run
+        seen = (config["iterations"] * config["real_batch_size"] if config["iterations"]
+                else config["passes"] * MNIST_TRAIN)
+        return d == results / name, seen
+
+    runs = committed_runs(results, name)
     if not runs:
         return None
-    *_, d, config = max(runs, key=lambda r: r[:2])
+    d, config = max(runs, key=rank)
     return d, config, json.loads((d / "results.json").read_text())
 
 
