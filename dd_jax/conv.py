@@ -132,9 +132,10 @@ class ToeplitzConv(nn.Module):
     Batches of at most ``patches_up_to`` images (the distilled batches of the inner loop) are
     convolved from im2col patches instead: there the per-op cost of building T from the
     kernel at every inner step outweighs the Toeplitz form's larger matmuls. With ``native``,
-    the larger batches are convolved by the C++ kernels of `dd_jax.native` when the program
-    runs on CPU and they could be built: direct convolutions, faster than the Toeplitz
-    matmuls there. ``relu`` rectifies the output (fused there).
+    every batch is convolved by the C++ kernels of `dd_jax.native` when the program runs on
+    CPU and they could be built: direct convolutions, faster than either form there (the
+    distilled batches in blocks of 16 images, all vmapped networks in one call). ``relu``
+    rectifies the output (fused there).
     x (N, H, W, Ci) -> (N, Ho, Wo, features), Ho = H + 2p - kh + 1 (halved with ``pool``).
     """
 
@@ -165,7 +166,7 @@ class ToeplitzConv(nn.Module):
             out = conv(x, kernel, self.padding, self.pool).reshape(n, ho // s, wo // s, -1) + bias
             return nn.relu(out) if self.relu else out
 
-        if n > self.patches_up_to and self.native and native.enabled():
+        if self.native and native.enabled():
             on_cpu = functools.partial(_native_conv, padding=self.padding, pool=self.pool,
                                        relu=self.relu)
             return jax.lax.platform_dependent(x, kernel, bias, cpu=on_cpu, default=in_xla)

@@ -2,8 +2,10 @@
 
 XLA:CPU has no convolution kernel that suits LeNet's narrow layers (1 -> 6 -> 16 channels):
 its native convolution and every matmul formulation waste most of their work. The kernels in
-``_native/conv.cc`` convolve directly, with the images of a block of 32 as the SIMD axis
-("blocked" layout (B, H, W, C, 32)), and use XLA's intra-op thread pool.
+``_native/conv.cc`` convolve directly, with the images of a block of 16 or 32 as the SIMD axis
+("blocked" layout (B, H, W, C, 16 or 32); `block_for` picks the width that pads a batch
+least), and use XLA's intra-op thread pool. Under ``jax.vmap`` (e.g. over networks) one call
+computes every vmapped item.
 
 `available()` compiles the source on first use with the machine's C++ compiler (``$CXX``,
 else ``g++``) for this CPU (``-march=native``) into ``$DD_JAX_CACHE_DIR`` (default
@@ -38,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from dd_jax.errors import ConfigError
 
-BLOCK = 32  # images per block: the innermost axis of the blocked layout
+BLOCKS = (16, 32)  # images per block: the innermost axis of the blocked layout
 SOURCE = Path(__file__).parent / "_native" / "conv.cc"
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC"]
 TARGETS = {"dd_jax_conv_forward": "DdJaxConvForward",
@@ -136,7 +138,7 @@ def _ffi(target: str, results: list[tuple[tuple[int, ...], jnp.dtype]], *args: j
         manual = dict(sharding=NamedSharding(template.sharding.mesh, P()),
                       manual_axis_type=template.manual_axis_type)
     out = [jax.ShapeDtypeStruct(shape, dtype, **manual) for shape, dtype in results]
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs)
+    return jax.ffi.ffi_call(target, out, vmap_method="expand_dims")(*args, **attrs)
 
 
 def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
@@ -148,14 +150,14 @@ def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
 
 def _layer_call(x, kernel, bias, pads, pool, relu):
     """The FFI call: (y, argmax index) with `pool`, else (y, an empty int8 array)."""
-    b, co = x.shape[0], kernel.shape[3]
+    b, co, lanes = x.shape[0], kernel.shape[3], x.shape[4]
     ho, wo = _output_hw(x, kernel, pads)
     args = (x, kernel.astype(x.dtype), bias.astype(x.dtype))
     attrs = dict(padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]), relu=relu)
     if not pool:
-        y, = _ffi("dd_jax_conv_forward", [((b, ho, wo, co, BLOCK), x.dtype)], *args, **attrs)
+        y, = _ffi("dd_jax_conv_forward", [((b, ho, wo, co, lanes), x.dtype)], *args, **attrs)
         return y, jnp.zeros((0,), jnp.int8)
-    shape = (b, ho // 2, wo // 2, co, BLOCK)
+    shape = (b, ho // 2, wo // 2, co, lanes)
     y, index = _ffi("dd_jax_conv_pool_forward", [(shape, x.dtype), (shape, jnp.int8)], *args, **attrs)
     return y, index
 
@@ -185,11 +187,11 @@ _layer.defvjp(_layer_fwd, _layer_bwd)
 
 def conv_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: int | tuple[int, int] = 0,
                pool: bool = False, relu: bool = False) -> jax.Array:
-    """A convolution layer in the blocked layout, in one pass: stride-1 convolution
+    """A convolution layer in the blocked layout (`to_blocked`), in one pass: stride-1 convolution
     (cross-correlation; zero padding of `padding` rows and columns, or (rows, columns), on
     each side, less than the kernel's size), with `pool` 2x2 max pooling (stride 2; an even
     output needed), + bias, with `relu` rectified.
-    x (B, H, W, Ci, 32), kernel (kh, kw, Ci, Co), bias (Co,) -> (B, Ho, Wo, Co, 32),
+    x (B, H, W, Ci, NB), kernel (kh, kw, Ci, Co), bias (Co,) -> (B, Ho, Wo, Co, NB),
     Ho = H + 2 padding - kh + 1 (halved with pool). Differentiable to any order; the pooling
     gradient goes to the first maximum of each window in row-major order (PyTorch's)."""
     pads = (padding, padding) if isinstance(padding, int) else tuple(padding)
@@ -200,9 +202,9 @@ def conv_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: int | 
 def _check(x: jax.Array, kernel: jax.Array, pads: tuple[int, int], pool: bool) -> None:
     """ConfigError for what the kernels cannot compute (they would refuse it at run time)."""
     kh, kw, cin, _ = kernel.shape
-    if x.ndim != 5 or x.shape[4] != BLOCK:
+    if x.ndim != 5 or x.shape[4] not in BLOCKS:
         raise ConfigError(f"native.conv_layer takes images in the blocked layout (B, H, W, C, "
-                          f"{BLOCK}) (native.to_blocked), got shape {x.shape}")
+                          f"16 or 32) (native.to_blocked), got shape {x.shape}")
     if cin != x.shape[3]:
         raise ConfigError(f"the kernel has {cin} input channels, the images {x.shape[3]}")
     if not (0 <= pads[0] < kh and 0 <= pads[1] < kw):
@@ -230,7 +232,7 @@ def _weight_grad_call(x, dy, pads, kernel_hw):
 def conv_weight_grad(x: jax.Array, dy: jax.Array, pads: tuple[int, int],
                      kernel_hw: tuple[int, int]) -> jax.Array:
     """The gradient of ``sum(dy * conv(x, kernel, pads))`` w.r.t. the kernel:
-    x (B, H, W, Ci, 32), dy (B, Ho, Wo, Co, 32) -> (kh, kw, Ci, Co)."""
+    x (B, H, W, Ci, NB), dy (B, Ho, Wo, Co, NB) -> (kh, kw, Ci, Co)."""
     return _weight_grad_call(x, dy, pads, kernel_hw)
 
 
@@ -248,7 +250,7 @@ conv_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
 
 
 def unpool(g: jax.Array, index: jax.Array) -> jax.Array:
-    """(B, H, W, C, 32) -> (B, 2H, 2W, C, 32): g[b, i, j] placed at position index (0 .. 3,
+    """(B, H, W, C, NB) -> (B, 2H, 2W, C, NB): g[b, i, j] placed at position index (0 .. 3,
     row-major) of its 2x2 window, zeros elsewhere. Linear in g: differentiable as it is."""
     b, h, w, c, lanes = g.shape
     where = jnp.arange(4, dtype=jnp.int8).reshape(2, 1, 2, 1, 1)  # (u, ., v, ., .)
@@ -256,14 +258,22 @@ def unpool(g: jax.Array, index: jax.Array) -> jax.Array:
     return spread.reshape(b, 2 * h, 2 * w, c, lanes)
 
 
-def to_blocked(x: jax.Array) -> jax.Array:
-    """(N, H, W, C) -> (ceil(N/32), H, W, C, 32), the batch zero-padded to whole blocks."""
+def block_for(n: int) -> int:
+    """The block width for a batch of n images: 16 where a block of 32 would pad it by more
+    (n = 10 -> 16, n = 20 or 1024 -> 32)."""
+    return 16 if 0 < n % 32 <= 16 else 32
+
+
+def to_blocked(x: jax.Array, block: int | None = None) -> jax.Array:
+    """(N, H, W, C) -> (ceil(N/NB), H, W, C, NB), the batch zero-padded to whole blocks of
+    NB = `block` images (default `block_for(N)`)."""
     n = x.shape[0]
-    x = jnp.pad(x, ((0, -n % BLOCK),) + ((0, 0),) * (x.ndim - 1))
-    return x.reshape(-1, BLOCK, *x.shape[1:]).transpose(0, 2, 3, 4, 1)
+    block = block or block_for(n)
+    x = jnp.pad(x, ((0, -n % block),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape(-1, block, *x.shape[1:]).transpose(0, 2, 3, 4, 1)
 
 
 def from_blocked(y: jax.Array, n: int) -> jax.Array:
-    """(B, H, W, C, 32) -> (n, H, W, C): the first n images."""
-    b, h, w, c, _ = y.shape
-    return y.transpose(0, 4, 1, 2, 3).reshape(b * BLOCK, h, w, c)[:n]
+    """(B, H, W, C, NB) -> (n, H, W, C): the first n images."""
+    b, h, w, c, block = y.shape
+    return y.transpose(0, 4, 1, 2, 3).reshape(b * block, h, w, c)[:n]

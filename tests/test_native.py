@@ -2,6 +2,7 @@
 order (float64, also against finite differences), vmap, bad input, and the fallback."""
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -30,9 +31,10 @@ def reference_layer(x, kernel, bias, padding, pool, relu):
     return jax.nn.relu(y) if relu else y
 
 
-def native_layer(x, kernel, bias, padding, pool, relu):
-    """`native.conv_layer` on NHWC images, through the blocked layout."""
-    y = native.conv_layer(native.to_blocked(x), kernel, bias, padding, pool, relu)
+def native_layer(x, kernel, bias, padding, pool, relu, block=None):
+    """`native.conv_layer` on NHWC images, through the blocked layout (blocks of `block`
+    images, default `native.block_for`)."""
+    y = native.conv_layer(native.to_blocked(x, block), kernel, bias, padding, pool, relu)
     return native.from_blocked(y, x.shape[0])
 
 
@@ -51,15 +53,19 @@ LAYERS = [  # (batch, image hw, kernel hw, padding, pool): batches that are not 
 ]
 
 
+@pytest.mark.parametrize("block", native.BLOCKS, ids=lambda b: f"block{b}")
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 @pytest.mark.parametrize("batch, hw, kernel_hw, padding, pool", LAYERS)
-def test_conv_layer_matches_lax_conv_to_second_order(batch, hw, kernel_hw, padding, pool, relu):
-    """float64: outputs, the gradient w.r.t. images, kernel and bias, and a second derivative
-    (the gradient of <d loss / d kernel, v>, as the meta-gradient takes it) agree with lax.conv."""
+def test_conv_layer_matches_lax_conv_to_second_order(batch, hw, kernel_hw, padding, pool, relu,
+                                                     block):
+    """float64, blocks of 16 and of 32 images: outputs, the gradient w.r.t. images, kernel and
+    bias, and a second derivative (the gradient of <d loss / d kernel, v>, as the meta-gradient
+    takes it) agree with lax.conv."""
     with jax.enable_x64():
         rng = np.random.default_rng(batch)
         args = _problem(rng, batch, hw, kernel_hw, 2, 3, jnp.float64)
         v = jnp.asarray(rng.normal(size=args[1].shape))
+        blocked = functools.partial(native_layer, block=block)
 
         def derivatives(layer):
             loss = lambda x, k, b: jnp.sum(jnp.sin(layer(x, k, b, padding, pool, relu)))
@@ -67,7 +73,7 @@ def test_conv_layer_matches_lax_conv_to_second_order(batch, hw, kernel_hw, paddi
             return (layer(*args, padding, pool, relu), jax.grad(loss, (0, 1, 2))(*args),
                     jax.grad(hvp, (0, 1, 2))(*args))
 
-        ours, ref = jax.jit(lambda: derivatives(native_layer))(), jax.jit(lambda: derivatives(reference_layer))()
+        ours, ref = jax.jit(lambda: derivatives(blocked))(), jax.jit(lambda: derivatives(reference_layer))()
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
             assert a.shape == b.shape and a.dtype == jnp.float64
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
@@ -154,6 +160,30 @@ def test_vmap_over_kernels_equals_a_loop():
     for i, one in enumerate(looped):
         for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(batched)):
             np.testing.assert_allclose(np.asarray(b[i]), np.asarray(a), rtol=1e-6, atol=1e-5)
+
+
+def test_one_call_for_nested_vmaps_equals_a_loop_to_second_order():
+    """Two nested vmaps (networks x image sets), each operand batched along some of them
+    (kernels along the outer, images along the inner, biases along both): one kernel call
+    for all items (ffi_call's leading axes) equals one call per item, values, gradients and
+    the second derivative the meta-gradient takes."""
+    rng = np.random.default_rng(8)
+    images = jnp.asarray(rng.normal(size=(3, 10, 8, 8, 2)), jnp.float32)
+    kernels = jnp.asarray(rng.normal(size=(2, 3, 3, 2, 4)), jnp.float32)
+    biases = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+
+    def meta(x, k, b):  # a second-order quantity, as the inner step's meta-gradient has
+        loss = lambda x, k, b: jnp.sum(jnp.tanh(native_layer(x, k, b, 1, True, True)))
+        return jnp.vdot(jax.grad(loss, 1)(x, k, b), v) + loss(x, k, b)
+
+    both = jax.value_and_grad(meta, (0, 1, 2))
+    batched = jax.jit(jax.vmap(jax.vmap(both, (0, None, 0)), (None, 0, 0)))(images, kernels, biases)
+    for i in range(2):
+        for j in range(3):
+            one = jax.jit(both)(images[j], kernels[i], biases[i, j])
+            for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(batched)):
+                np.testing.assert_allclose(np.asarray(b[i, j]), np.asarray(a), rtol=2e-5, atol=2e-4)
 
 
 @pytest.mark.parametrize("bad, message", [

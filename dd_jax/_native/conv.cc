@@ -1,8 +1,11 @@
 // Direct 2-D convolution kernels for XLA:CPU, called through the XLA FFI (dd_jax/native.py).
 //
-// Layout "blocked": an image batch is (B, H, W, C, NB): NB = 32 images per block, the block's
-// images innermost. Every multiply-add then works on whole SIMD registers whatever the channel
-// counts are (LeNet's 1 -> 6 -> 16 channels leave matmuls on channels far too narrow).
+// Layout "blocked": an image batch is (B, H, W, C, NB): NB = 16 or 32 images per block, the
+// block's images innermost. Every multiply-add then works on whole SIMD registers whatever the
+// channel counts are (LeNet's 1 -> 6 -> 16 channels leave matmuls on channels far too narrow).
+// Every operand may have the same number of leading axes in front (ffi_call's vmap_method
+// "expand_dims": one per vmap, e.g. over networks), each of the output's size or 1 (not
+// batched there, shared); one call then computes all of them.
 // Kernels are HWIO (kh, kw, Ci, Co); stride 1, zero padding ph rows and pw columns on each side.
 //   DdJaxConvForward:     y[b, i, j, co, :] =
 //                           act(bias[co] + sum_{di, dj, ci} w[di, dj, ci, co] x[b, i+di-ph, j+dj-pw, ci, :])
@@ -30,8 +33,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlock = 32;  // NB: images per block, the innermost axis
-
 template <typename T>
 struct Reg;  // one 512-bit register of T (GCC splits it on narrower machines), its comparison
              // masks and its lanes as bytes
@@ -53,8 +54,8 @@ template <typename T>
 using Mask = typename Reg<T>::mask;
 template <typename T>
 constexpr int kLanes = 64 / sizeof(T);
-template <typename T>
-constexpr int kRegsPerBlock = kBlock / kLanes<T>;
+template <typename T, int NB>
+constexpr int kRegsPerBlock = NB / kLanes<T>;
 
 template <typename T>
 inline Vec<T> load(const T* p) {
@@ -107,21 +108,21 @@ struct Shape {
 // acc = the convolution at output pixel (i, j) of one block, output channels co0 .. co0+CB-1:
 // CB x kRegsPerBlock accumulators in registers; each loaded input register feeds CB
 // multiply-adds.
-template <typename T, int CB>
+template <typename T, int NB, int CB>
 inline void accumulate_pixel(const Shape& s, const T* xb, const T* w, int64_t i, int64_t j,
-                             int64_t co0, Vec<T> (&acc)[CB][kRegsPerBlock<T>]) {
-  constexpr int R = kRegsPerBlock<T>;
+                             int64_t co0, Vec<T> (&acc)[CB][kRegsPerBlock<T, NB>]) {
+  constexpr int R = kRegsPerBlock<T, NB>;
   for (int c = 0; c < CB; ++c)
     for (int r = 0; r < R; ++r) acc[c][r] = Vec<T>{};
   const int64_t di0 = std::max<int64_t>(0, s.ph - i), di1 = std::min(s.kh, s.H + s.ph - i);
   const int64_t dj0 = std::max<int64_t>(0, s.pw - j), dj1 = std::min(s.kw, s.W + s.pw - j);
   for (int64_t di = di0; di < di1; ++di)
     for (int64_t dj = dj0; dj < dj1; ++dj) {
-      const T* xp = xb + ((i + di - s.ph) * s.W + (j + dj - s.pw)) * s.Ci * kBlock;
+      const T* xp = xb + ((i + di - s.ph) * s.W + (j + dj - s.pw)) * s.Ci * NB;
       const T* wp = w + (di * s.kw + dj) * s.Ci * s.Co + co0;
       for (int64_t ci = 0; ci < s.Ci; ++ci) {
         Vec<T> xv[R];
-        for (int r = 0; r < R; ++r) xv[r] = load(xp + ci * kBlock + r * kLanes<T>);
+        for (int r = 0; r < R; ++r) xv[r] = load(xp + ci * NB + r * kLanes<T>);
         for (int c = 0; c < CB; ++c) {
           const T wv = wp[ci * s.Co + c];
           for (int r = 0; r < R; ++r) acc[c][r] += wv * xv[r];
@@ -138,29 +139,63 @@ inline Vec<T> finish(Vec<T> v, T bias, bool relu) {
 }
 
 // One output pixel (i, j): y[b, i, j, co0 .. co0+CB-1, :].
-template <typename T, int CB>
+template <typename T, int NB, int CB>
 inline void forward_pixel(const Shape& s, const T* xb, const T* w, const T* bias, bool relu,
                           T* y, int64_t i, int64_t j, int64_t co0) {
-  constexpr int R = kRegsPerBlock<T>;
+  constexpr int R = kRegsPerBlock<T, NB>;
   Vec<T> acc[CB][R];
-  accumulate_pixel<T, CB>(s, xb, w, i, j, co0, acc);
-  T* out = y + ((i * s.Wo + j) * s.Co + co0) * kBlock;
+  accumulate_pixel<T, NB, CB>(s, xb, w, i, j, co0, acc);
+  T* out = y + ((i * s.Wo + j) * s.Co + co0) * NB;
   for (int c = 0; c < CB; ++c)
     for (int r = 0; r < R; ++r)
-      store(out + c * kBlock + r * kLanes<T>, finish(acc[c][r], bias[co0 + c], relu));
+      store(out + c * NB + r * kLanes<T>, finish(acc[c][r], bias[co0 + c], relu));
+}
+
+// PJ consecutive output pixels (i, j) .. (i, j+PJ-1) whose windows lie inside the columns of
+// the padded input (every kernel column inside x): y[b, i, j.., co0 .. co0+CB-1, :]. Each
+// kernel weight loaded feeds PJ x R multiply-adds into PJ x CB x R independent accumulators,
+// where a single pixel of few channels would wait on one chain of multiply-adds.
+template <typename T, int NB, int CB, int PJ>
+inline void forward_pixels(const Shape& s, const T* xb, const T* w, const T* bias, bool relu,
+                           T* y, int64_t i, int64_t j, int64_t co0) {
+  constexpr int R = kRegsPerBlock<T, NB>;
+  Vec<T> acc[PJ][CB][R] = {};
+  const int64_t di0 = std::max<int64_t>(0, s.ph - i), di1 = std::min(s.kh, s.H + s.ph - i);
+  const int64_t column = s.Ci * NB;  // from one input column to the next
+  for (int64_t di = di0; di < di1; ++di)
+    for (int64_t dj = 0; dj < s.kw; ++dj) {
+      const T* xp = xb + ((i + di - s.ph) * s.W + (j + dj - s.pw)) * column;
+      const T* wp = w + (di * s.kw + dj) * s.Ci * s.Co + co0;
+      for (int64_t ci = 0; ci < s.Ci; ++ci) {
+        Vec<T> xv[PJ][R];
+        for (int p = 0; p < PJ; ++p)
+          for (int r = 0; r < R; ++r) xv[p][r] = load(xp + p * column + ci * NB + r * kLanes<T>);
+        for (int c = 0; c < CB; ++c) {
+          const T wv = wp[ci * s.Co + c];
+          for (int p = 0; p < PJ; ++p)
+            for (int r = 0; r < R; ++r) acc[p][c][r] += wv * xv[p][r];
+        }
+      }
+    }
+  for (int p = 0; p < PJ; ++p) {
+    T* out = y + ((i * s.Wo + j + p) * s.Co + co0) * NB;
+    for (int c = 0; c < CB; ++c)
+      for (int r = 0; r < R; ++r)
+        store(out + c * NB + r * kLanes<T>, finish(acc[p][c][r], bias[co0 + c], relu));
+  }
 }
 
 // One pooled pixel (i, j) of 2x2 max pooling: the max of output pixels (2i+u, 2j+v) and which
 // one, k = 2u + v, the first in that order on ties (as PyTorch's MaxPool2d); bias and relu
 // after the max (the same as before it).
-template <typename T, int CB>
+template <typename T, int NB, int CB>
 inline void forward_pool_pixel(const Shape& s, const T* xb, const T* w, const T* bias, bool relu,
                                T* y, int8_t* index, int64_t i, int64_t j, int64_t co0) {
-  constexpr int R = kRegsPerBlock<T>;
+  constexpr int R = kRegsPerBlock<T, NB>;
   Vec<T> best[CB][R], acc[CB][R];
   Mask<T> which[CB][R];
   for (int k = 0; k < 4; ++k) {
-    accumulate_pixel<T, CB>(s, xb, w, 2 * i + k / 2, 2 * j + k % 2, co0, acc);
+    accumulate_pixel<T, NB, CB>(s, xb, w, 2 * i + k / 2, 2 * j + k % 2, co0, acc);
     for (int c = 0; c < CB; ++c)
       for (int r = 0; r < R; ++r) {
         if (k == 0) {
@@ -173,57 +208,111 @@ inline void forward_pool_pixel(const Shape& s, const T* xb, const T* w, const T*
         }
       }
   }
-  const int64_t at = ((i * (s.Wo / 2) + j) * s.Co + co0) * kBlock;
+  const int64_t at = ((i * (s.Wo / 2) + j) * s.Co + co0) * NB;
   for (int c = 0; c < CB; ++c)
     for (int r = 0; r < R; ++r) {
-      store(y + at + c * kBlock + r * kLanes<T>, finish(best[c][r], bias[co0 + c], relu));
+      store(y + at + c * NB + r * kLanes<T>, finish(best[c][r], bias[co0 + c], relu));
       const auto k = __builtin_convertvector(which[c][r], typename Reg<T>::bytes);
-      std::memcpy(index + at + c * kBlock + r * kLanes<T>, &k, sizeof k);
+      std::memcpy(index + at + c * NB + r * kLanes<T>, &k, sizeof k);
     }
 }
 
-// y = the convolution of x with w, or with `max_pool` its 2x2 max pooling and the argmax
-// `index`; then + bias, and with `relu` rectified.
-template <typename T>
-void conv_forward(ffi::ThreadPool& pool, const Shape& s, const T* x, const T* w, const T* bias,
-                  bool relu, T* y, int8_t* index, bool max_pool) {
-  const int64_t rows = max_pool ? s.Ho / 2 : s.Ho, cols = max_pool ? s.Wo / 2 : s.Wo;
-  const int64_t kMaxCB = max_pool ? 4 : 8;  // accumulators, maxima and argmaxes in registers
-  parallel_for(pool, s.B * rows, [=](int64_t item) {
-    const int64_t b = item / rows, i = item % rows;
-    const T* xb = x + b * s.H * s.W * s.Ci * kBlock;
-    const int64_t out = b * rows * cols * s.Co * kBlock;
-    for (int64_t j = 0; j < cols; ++j)
-      for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxCB) {
-        with_static<8>(std::min(kMaxCB, s.Co - co0), [&](auto cb) {
-          if (max_pool)
-            forward_pool_pixel<T, cb>(s, xb, w, bias, relu, y + out, index + out, i, j, co0);
-          else
-            forward_pixel<T, cb>(s, xb, w, bias, relu, y + out, i, j, co0);
-        });
+// Where each operand's data for item n of the leading axes starts: `offsets[n]` elements in.
+// An operand not batched along an axis (size 1 there) is shared by all of its items.
+struct Operand {
+  std::vector<int64_t> offsets;
+};
+
+// The leading axes of a call: the output's leading dims; every operand's, checked against them.
+struct Lead {
+  std::vector<int64_t> dims;  // the output's leading dims
+  int64_t count = 1;          // their product: the items one call computes
+
+  Lead(ffi::Span<const int64_t> out, size_t rank) : dims(out.begin(), out.end() - rank) {
+    for (int64_t d : dims) count *= d;
+  }
+
+  // The offsets of an operand of dims `d`, trailing `rank` axes per item; false if its leading
+  // axes are not the output's (or 1).
+  bool operand(ffi::Span<const int64_t> d, size_t rank, Operand& op) const {
+    if (d.size() != dims.size() + rank) return false;
+    int64_t item = 1;
+    for (size_t k = dims.size(); k < d.size(); ++k) item *= d[k];
+    op.offsets.assign(count, 0);
+    for (int64_t n = 0; n < count; ++n) {
+      int64_t rest = n, stride = item, offset = 0;
+      for (size_t k = dims.size(); k-- > 0;) {
+        if (d[k] != 1 && d[k] != dims[k]) return false;
+        if (d[k] != 1) offset += (rest % dims[k]) * stride;
+        stride *= d[k];
+        rest /= dims[k];
       }
+      op.offsets[n] = offset;
+    }
+    return true;
+  }
+};
+
+// y = the convolution of x with w, or with `max_pool` its 2x2 max pooling and the argmax
+// `index`; then + bias, and with `relu` rectified; for every item of the leading axes.
+template <typename T, int NB>
+void conv_forward(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T* x,
+                  const Operand& xo, const T* w, const Operand& wo, const T* bias,
+                  const Operand& bo, bool relu, T* y, int8_t* index, bool max_pool) {
+  constexpr int R = kRegsPerBlock<T, NB>;
+  const int64_t rows = max_pool ? s.Ho / 2 : s.Ho, cols = max_pool ? s.Wo / 2 : s.Wo;
+  // accumulators, maxima and argmaxes in registers
+  constexpr int64_t kMaxPoolCB = 8 / R, kMaxCB = 16 / R;
+  const int64_t max_cb = max_pool ? kMaxPoolCB : kMaxCB;
+  const int64_t out_item = s.B * rows * cols * s.Co * NB;
+  parallel_for(pool, items * s.B * rows, [=, &xo, &wo, &bo](int64_t task) {
+    const int64_t n = task / (s.B * rows), b = task / rows % s.B, i = task % rows;
+    const T* xb = x + xo.offsets[n] + b * s.H * s.W * s.Ci * NB;
+    const T* wn = w + wo.offsets[n];
+    const T* bn = bias + bo.offsets[n];
+    const int64_t out = n * out_item + b * rows * cols * s.Co * NB;
+    for (int64_t co0 = 0; co0 < s.Co; co0 += max_cb)
+      with_static<kMaxCB>(std::min(max_cb, s.Co - co0), [&](auto cb) {
+        if constexpr (cb <= kMaxPoolCB) {
+          if (max_pool) {
+            for (int64_t j = 0; j < cols; ++j)
+              forward_pool_pixel<T, NB, cb>(s, xb, wn, bn, relu, y + out, index + out, i, j, co0);
+            return;
+          }
+        }
+        // pixels side by side, up to 24 accumulators, where their windows allow
+        constexpr int PJ = std::max(1, std::min(8, 24 / (cb * R)));
+        for (int64_t j = 0; j < cols;) {
+          if (PJ > 1 && j >= s.pw && j + PJ + s.kw - 2 - s.pw < s.W) {
+            forward_pixels<T, NB, cb, PJ>(s, xb, wn, bn, relu, y + out, i, j, co0);
+            j += PJ;
+          } else {
+            forward_pixel<T, NB, cb>(s, xb, wn, bn, relu, y + out, i, j, co0);
+            ++j;
+          }
+        }
+      });
   });
 }
 
 // One kernel offset (di, dj), input channels ci0.., output channels co0..: CIB x CB register
 // accumulators over every output pixel of one block, added to the per-lane partial sums.
-template <typename T, int CIB, int CB>
+template <typename T, int NB, int CIB, int CB>
 inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* part, int64_t di,
                              int64_t dj, int64_t ci0, int64_t co0) {
   const int64_t i0 = std::max<int64_t>(0, s.ph - di), i1 = std::min(s.Ho, s.H + s.ph - di);
   const int64_t j0 = std::max<int64_t>(0, s.pw - dj), j1 = std::min(s.Wo, s.W + s.pw - dj);
-  for (int64_t lane0 = 0; lane0 < kBlock; lane0 += kLanes<T>) {
+  for (int64_t lane0 = 0; lane0 < NB; lane0 += kLanes<T>) {
     Vec<T> acc[CIB][CB];
     for (int a = 0; a < CIB; ++a)
       for (int c = 0; c < CB; ++c) acc[a][c] = Vec<T>{};
     for (int64_t i = i0; i < i1; ++i)
       for (int64_t j = j0; j < j1; ++j) {
-        const T* xp =
-            xb + (((i + di - s.ph) * s.W + (j + dj - s.pw)) * s.Ci + ci0) * kBlock + lane0;
-        const T* dp = dyb + ((i * s.Wo + j) * s.Co + co0) * kBlock + lane0;
+        const T* xp = xb + (((i + di - s.ph) * s.W + (j + dj - s.pw)) * s.Ci + ci0) * NB + lane0;
+        const T* dp = dyb + ((i * s.Wo + j) * s.Co + co0) * NB + lane0;
         Vec<T> xv[CIB], dv[CB];
-        for (int a = 0; a < CIB; ++a) xv[a] = load(xp + a * kBlock);
-        for (int c = 0; c < CB; ++c) dv[c] = load(dp + c * kBlock);
+        for (int a = 0; a < CIB; ++a) xv[a] = load(xp + a * NB);
+        for (int c = 0; c < CB; ++c) dv[c] = load(dp + c * NB);
         for (int a = 0; a < CIB; ++a)
           for (int c = 0; c < CB; ++c) acc[a][c] += xv[a] * dv[c];
       }
@@ -233,53 +322,67 @@ inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* 
   }
 }
 
-template <typename T>
-void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, const T* x, const T* dy, T* dw) {
+// dw for every item of the leading axes. The work is split into (item, chunk of blocks)
+// tasks, each chunk with its own per-lane partial sums, added up in a fixed order at the end;
+// when that leaves threads idle (one block per item), the kernel's rows are split too.
+template <typename T, int NB>
+void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T* x,
+                      const Operand& xo, const T* dy, const Operand& dyo, T* dw) {
   constexpr int64_t kMaxCIB = 6, kMaxCB = 4;
   const int64_t K = s.kh * s.kw * s.Ci * s.Co;
-  // blocks are split into chunks, each with its own per-lane partial sums of dw
-  const int64_t chunks = std::min<int64_t>(s.B, 2 * std::max<int64_t>(1, pool.num_threads()));
-  std::vector<Vec<T>> parts(chunks * K, Vec<T>{});
+  const int64_t tasks = 2 * std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::min<int64_t>(s.B, std::max<int64_t>(1, tasks / items));
+  const int64_t splits = items * chunks < tasks ? s.kh : 1;  // of the rows di
+  std::vector<Vec<T>> parts(items * chunks * K, Vec<T>{});
   Vec<T>* parts_data = parts.data();
-  parallel_for(pool, chunks, [=](int64_t chunk) {
-    Vec<T>* part = parts_data + chunk * K;
+  parallel_for(pool, items * chunks * splits, [=, &xo, &dyo](int64_t task) {
+    const int64_t n = task / (chunks * splits), chunk = task / splits % chunks;
+    const int64_t split = task % splits;
+    Vec<T>* part = parts_data + (n * chunks + chunk) * K;
     for (int64_t b = chunk * s.B / chunks; b < (chunk + 1) * s.B / chunks; ++b) {
-      const T* xb = x + b * s.H * s.W * s.Ci * kBlock;
-      const T* dyb = dy + b * s.Ho * s.Wo * s.Co * kBlock;
-      for (int64_t di = 0; di < s.kh; ++di)
+      const T* xb = x + xo.offsets[n] + b * s.H * s.W * s.Ci * NB;
+      const T* dyb = dy + dyo.offsets[n] + b * s.Ho * s.Wo * s.Co * NB;
+      for (int64_t di = split * s.kh / splits; di < (split + 1) * s.kh / splits; ++di)
         for (int64_t dj = 0; dj < s.kw; ++dj)
           for (int64_t ci0 = 0; ci0 < s.Ci; ci0 += kMaxCIB)
             for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxCB)
               with_static<kMaxCIB>(std::min(kMaxCIB, s.Ci - ci0), [&](auto cib) {
                 with_static<kMaxCB>(std::min(kMaxCB, s.Co - co0), [&](auto cb) {
-                  weight_grad_tile<T, cib, cb>(s, xb, dyb, part, di, dj, ci0, co0);
+                  weight_grad_tile<T, NB, cib, cb>(s, xb, dyb, part, di, dj, ci0, co0);
                 });
               });
     }
   });
-  for (int64_t k = 0; k < K; ++k) {
-    Vec<T> sum = parts[k];
-    for (int64_t c = 1; c < chunks; ++c) sum += parts[c * K + k];
-    T total = 0;
-    for (int l = 0; l < kLanes<T>; ++l) total += sum[l];
-    dw[k] = total;
-  }
+  for (int64_t n = 0; n < items; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      Vec<T> sum = parts[n * chunks * K + k];
+      for (int64_t c = 1; c < chunks; ++c) sum += parts[(n * chunks + c) * K + k];
+      T total = 0;
+      for (int l = 0; l < kLanes<T>; ++l) total += sum[l];
+      dw[n * K + k] = total;
+    }
 }
 
 ffi::Unexpected<ffi::Error> invalid(const char* message) {
   return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(message));
 }
 
-// x (B, H, W, Ci, NB), a kernel of shape `kernel` (kh, kw, Ci, Co) and a bias (Co,), checked.
-ffi::ErrorOr<Shape> shape_of(ffi::AnyBuffer x, ffi::Span<const int64_t> kernel,
-                             std::optional<ffi::AnyBuffer> bias, int64_t ph, int64_t pw) {
-  auto xd = x.dimensions();
-  if (xd.size() != 5 || xd[4] != kBlock)
-    return invalid("dd_jax conv: images must be (B, H, W, C, 32)");
-  if (kernel.size() != 4 || kernel[2] != xd[3])
+// The trailing `rank` dims of d.
+ffi::Span<const int64_t> trailing(ffi::Span<const int64_t> d, size_t rank) {
+  return ffi::Span<const int64_t>(d.end() - rank, rank);
+}
+
+// One item's shape from x's trailing (B, H, W, Ci, NB), the kernel's (kh, kw, Ci, Co) and the
+// padding, checked.
+ffi::ErrorOr<Shape> shape_of(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kernel,
+                             int64_t ph, int64_t pw) {
+  if (xd.size() < 5 || (xd.back() != 16 && xd.back() != 32))
+    return invalid("dd_jax conv: images must be (..., B, H, W, C, 16 or 32)");
+  if (kernel.size() < 4) return invalid("dd_jax conv: the kernel must be (..., kh, kw, C, Co)");
+  xd = trailing(xd, 5);
+  kernel = trailing(kernel, 4);
+  if (kernel[2] != xd[3])
     return invalid("dd_jax conv: the kernel must be (kh, kw, C, Co)");
-  if (bias && (bias->dimensions().size() != 1 || bias->dimensions()[0] != kernel[3]))
-    return invalid("dd_jax conv: the bias must be (Co,)");
   Shape s{xd[0], xd[1], xd[2], xd[3], kernel[3], kernel[0], kernel[1], ph, pw,
           xd[1] + 2 * ph - kernel[0] + 1, xd[2] + 2 * pw - kernel[1] + 1};
   if (ph < 0 || pw < 0 || ph >= s.kh || pw >= s.kw || s.Ho < 1 || s.Wo < 1)
@@ -287,29 +390,42 @@ ffi::ErrorOr<Shape> shape_of(ffi::AnyBuffer x, ffi::Span<const int64_t> kernel,
   return s;
 }
 
-// Calls f(T{}) for the buffers' common float type.
+// Calls f(T{}, NB) for the buffers' common float type and the block width nb (16 or 32).
 template <typename F>
-ffi::Error with_float_type(std::initializer_list<ffi::DataType> types, F f) {
+ffi::Error with_types(std::initializer_list<ffi::DataType> types, int64_t nb, F f) {
   const ffi::DataType t = *types.begin();
   for (ffi::DataType u : types)
     if (u != t) return ffi::Error::InvalidArgument("dd_jax conv: mixed dtypes");
-  if (t == ffi::F32) return f(float{});
-  if (t == ffi::F64) return f(double{});
+  auto with_nb = [&](auto z) {
+    using T = decltype(z);
+    return nb == 16 ? f(T{}, std::integral_constant<int, 16>{})
+                    : f(T{}, std::integral_constant<int, 32>{});
+  };
+  if (t == ffi::F32) return with_nb(float{});
+  if (t == ffi::F64) return with_nb(double{});
   return ffi::Error::InvalidArgument("dd_jax conv: float32 or float64 only");
 }
 
 // The forward pass into y, pooled when `index` (the argmax) is given.
 ffi::Error forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
                    ffi::AnyBuffer y, int8_t* index, int64_t ph, int64_t pw, bool relu) {
-  auto s = shape_of(x, w.dimensions(), bias, ph, pw);
+  auto s = shape_of(x.dimensions(), w.dimensions(), ph, pw);
   if (s.has_error()) return s.error();
   if (index && (s->Ho % 2 || s->Wo % 2))
     return ffi::Error::InvalidArgument("dd_jax conv: pooling needs an even output");
+  const Lead lead(y.dimensions(), 5);
+  Operand xo, wo, bo;
+  if (!lead.operand(x.dimensions(), 5, xo) || !lead.operand(w.dimensions(), 4, wo) ||
+      !lead.operand(bias.dimensions(), 1, bo) || bias.dimensions().back() != s->Co)
+    return ffi::Error::InvalidArgument(
+        "dd_jax conv: the leading axes or the bias (Co,) do not match");
+  const int64_t nb = x.dimensions().back();
   auto types = {x.element_type(), w.element_type(), bias.element_type(), y.element_type()};
-  return with_float_type(types, [&](auto t) {
+  return with_types(types, nb, [&](auto t, auto block) {
     using T = decltype(t);
-    conv_forward<T>(pool, *s, x.typed_data<T>(), w.typed_data<T>(), bias.typed_data<T>(), relu,
-                    y.typed_data<T>(), index, index != nullptr);
+    conv_forward<T, block>(pool, *s, lead.count, x.typed_data<T>(), xo, w.typed_data<T>(), wo,
+                           bias.typed_data<T>(), bo, relu, y.typed_data<T>(), index,
+                           index != nullptr);
     return ffi::Error::Success();
   });
 }
@@ -331,15 +447,22 @@ ffi::Error ConvPoolForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyB
 
 ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                               ffi::Result<ffi::AnyBuffer> dw, int64_t ph, int64_t pw) {
-  auto s = shape_of(x, dw->dimensions(), std::nullopt, ph, pw);
+  auto s = shape_of(x.dimensions(), dw->dimensions(), ph, pw);
   if (s.has_error()) return s.error();
+  const Lead lead(dw->dimensions(), 4);
+  Operand xo, dyo;
   auto dd = dy.dimensions();
-  if (dd.size() != 5 || dd[0] != s->B || dd[1] != s->Ho || dd[2] != s->Wo || dd[3] != s->Co ||
-      dd[4] != kBlock)
-    return ffi::Error::InvalidArgument("dd_jax conv: dy must be (B, Ho, Wo, Co, 32)");
-  return with_float_type({x.element_type(), dy.element_type(), dw->element_type()}, [&](auto t) {
+  if (!lead.operand(x.dimensions(), 5, xo) || !lead.operand(dd, 5, dyo))
+    return ffi::Error::InvalidArgument("dd_jax conv: the leading axes do not match");
+  dd = trailing(dd, 5);
+  const int64_t nb = x.dimensions().back();
+  if (dd[0] != s->B || dd[1] != s->Ho || dd[2] != s->Wo || dd[3] != s->Co || dd[4] != nb)
+    return ffi::Error::InvalidArgument("dd_jax conv: dy must be (B, Ho, Wo, Co, NB) as x");
+  auto types = {x.element_type(), dy.element_type(), dw->element_type()};
+  return with_types(types, nb, [&](auto t, auto block) {
     using T = decltype(t);
-    conv_weight_grad<T>(pool, *s, x.typed_data<T>(), dy.typed_data<T>(), dw->typed_data<T>());
+    conv_weight_grad<T, block>(pool, *s, lead.count, x.typed_data<T>(), xo, dy.typed_data<T>(),
+                               dyo, dw->typed_data<T>());
     return ffi::Error::Success();
   });
 }
