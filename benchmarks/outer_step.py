@@ -39,9 +39,11 @@ def time_outer_steps(config, iterations: int, warmup: int = 3) -> dict:
 
 def compiled_flops(config) -> float:
     """FLOPs of one outer iteration of `config` as XLA's cost analysis counts its meta-step
-    compiled with plain convolutions (``conv='xla'``: the same function)."""
+    compiled with plain convolutions (``conv='xla'``: the same function) on one device (the
+    cost analysis of a program sharded over devices counts one device's part)."""
     plain = config.copy_and_resolve_references()
     plain.conv = "xla"
+    plain.devices = 1
     loop = build_outer_loop(*load_data_and_model(plain), plain)
     return float(loop.compiled_step().cost_analysis()["flops"])
 
