@@ -104,6 +104,11 @@ AWKWARD = [  # (batch, image hw, kernel hw, padding, pool, in channels, out chan
     pytest.param(65, (9, 7), (3, 2), 1, False, 7, 5, id="7to5-batch65"),
     pytest.param(70, (10, 10), (5, 5), 2, True, 5, 7, id="5to7-pool-batch70"),
     pytest.param(70, (6, 9), (2, 4), 1, False, 13, 9, id="13to9-batch70"),
+    # one input channel (kernel gradient tiled over kernel columns), one output channel
+    # (output pixels side by side), a batch of 10 (one block of 16), as LeNet's inner loop
+    pytest.param(10, (12, 12), (5, 5), 2, True, 1, 7, id="1to7-pool-batch10"),
+    pytest.param(40, (9, 11), (3, 5), 2, False, 1, 3, id="1to3-batch40"),
+    pytest.param(10, (12, 13), (5, 5), 2, False, 6, 1, id="6to1-batch10"),
 ]
 F32_TOL = 2e-5  # float32 rounding (a few 1e-6 here), relative to the largest entry of an array
 

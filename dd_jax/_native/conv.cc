@@ -296,12 +296,13 @@ void conv_forward(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T*
 }
 
 // One kernel offset (di, dj), input channels ci0.., output channels co0..: CIB x CB register
-// accumulators over every output pixel of one block, added to the per-lane partial sums.
+// accumulators over the output pixels of one block in columns [jlo, jhi), added to the
+// per-lane partial sums.
 template <typename T, int NB, int CIB, int CB>
 inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* part, int64_t di,
-                             int64_t dj, int64_t ci0, int64_t co0) {
+                             int64_t dj, int64_t ci0, int64_t co0, int64_t jlo, int64_t jhi) {
   const int64_t i0 = std::max<int64_t>(0, s.ph - di), i1 = std::min(s.Ho, s.H + s.ph - di);
-  const int64_t j0 = std::max<int64_t>(0, s.pw - dj), j1 = std::min(s.Wo, s.W + s.pw - dj);
+  const int64_t j0 = std::max<int64_t>(jlo, s.pw - dj), j1 = std::min(jhi, s.W + s.pw - dj);
   for (int64_t lane0 = 0; lane0 < NB; lane0 += kLanes<T>) {
     Vec<T> acc[CIB][CB];
     for (int a = 0; a < CIB; ++a)
@@ -322,13 +323,45 @@ inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* 
   }
 }
 
+// A single input channel (Ci = 1): kernel columns dj0 .. dj0+DJ-1 of row di, output channels
+// co0..: DJ x CB accumulators, each pixel's DJ neighbouring inputs and CB output gradients
+// loaded once for all of them (a tile over channels would load CB + 1 registers for CB
+// multiply-adds). The columns where some of those kernel columns fall into the padding go
+// through `weight_grad_tile`, one kernel column at a time.
+template <typename T, int NB, int DJ, int CB>
+inline void weight_grad_columns_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* part,
+                                     int64_t di, int64_t dj0, int64_t co0) {
+  const int64_t i0 = std::max<int64_t>(0, s.ph - di), i1 = std::min(s.Ho, s.H + s.ph - di);
+  const int64_t j0 = std::max<int64_t>(0, s.pw - dj0);
+  const int64_t j1 = std::max(j0, std::min(s.Wo, s.W + s.pw - (dj0 + DJ - 1)));
+  for (int64_t lane0 = 0; lane0 < NB; lane0 += kLanes<T>) {
+    Vec<T> acc[DJ][CB] = {};
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T* xp = xb + ((i + di - s.ph) * s.W + (j + dj0 - s.pw)) * NB + lane0;
+        const T* dp = dyb + ((i * s.Wo + j) * s.Co + co0) * NB + lane0;
+        Vec<T> xv[DJ], dv[CB];
+        for (int a = 0; a < DJ; ++a) xv[a] = load(xp + a * NB);
+        for (int c = 0; c < CB; ++c) dv[c] = load(dp + c * NB);
+        for (int a = 0; a < DJ; ++a)
+          for (int c = 0; c < CB; ++c) acc[a][c] += xv[a] * dv[c];
+      }
+    for (int a = 0; a < DJ; ++a)
+      for (int c = 0; c < CB; ++c) part[((di * s.kw + dj0 + a) * s.Co) + co0 + c] += acc[a][c];
+  }
+  for (int a = 0; a < DJ; ++a) {
+    weight_grad_tile<T, NB, 1, CB>(s, xb, dyb, part, di, dj0 + a, 0, co0, 0, j0);
+    weight_grad_tile<T, NB, 1, CB>(s, xb, dyb, part, di, dj0 + a, 0, co0, j1, s.Wo);
+  }
+}
+
 // dw for every item of the leading axes. The work is split into (item, chunk of blocks)
 // tasks, each chunk with its own per-lane partial sums, added up in a fixed order at the end;
 // when that leaves threads idle (one block per item), the kernel's rows are split too.
 template <typename T, int NB>
 void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T* x,
                       const Operand& xo, const T* dy, const Operand& dyo, T* dw) {
-  constexpr int64_t kMaxCIB = 6, kMaxCB = 4;
+  constexpr int64_t kMaxCIB = 6, kMaxCB = 4, kMaxDJ = 4, kMaxColumnsCB = 6;
   const int64_t K = s.kh * s.kw * s.Ci * s.Co;
   const int64_t tasks = 2 * std::max<int64_t>(1, pool.num_threads());
   const int64_t chunks = std::min<int64_t>(s.B, std::max<int64_t>(1, tasks / items));
@@ -342,15 +375,26 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
     for (int64_t b = chunk * s.B / chunks; b < (chunk + 1) * s.B / chunks; ++b) {
       const T* xb = x + xo.offsets[n] + b * s.H * s.W * s.Ci * NB;
       const T* dyb = dy + dyo.offsets[n] + b * s.Ho * s.Wo * s.Co * NB;
-      for (int64_t di = split * s.kh / splits; di < (split + 1) * s.kh / splits; ++di)
+      for (int64_t di = split * s.kh / splits; di < (split + 1) * s.kh / splits; ++di) {
+        if (s.Ci == 1) {
+          for (int64_t dj0 = 0; dj0 < s.kw; dj0 += kMaxDJ)
+            for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxColumnsCB)
+              with_static<kMaxDJ>(std::min(kMaxDJ, s.kw - dj0), [&](auto dj) {
+                with_static<kMaxColumnsCB>(std::min(kMaxColumnsCB, s.Co - co0), [&](auto cb) {
+                  weight_grad_columns_tile<T, NB, dj, cb>(s, xb, dyb, part, di, dj0, co0);
+                });
+              });
+          continue;
+        }
         for (int64_t dj = 0; dj < s.kw; ++dj)
           for (int64_t ci0 = 0; ci0 < s.Ci; ci0 += kMaxCIB)
             for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxCB)
               with_static<kMaxCIB>(std::min(kMaxCIB, s.Ci - ci0), [&](auto cib) {
                 with_static<kMaxCB>(std::min(kMaxCB, s.Co - co0), [&](auto cb) {
-                  weight_grad_tile<T, NB, cib, cb>(s, xb, dyb, part, di, dj, ci0, co0);
+                  weight_grad_tile<T, NB, cib, cb>(s, xb, dyb, part, di, dj, ci0, co0, 0, s.Wo);
                 });
               });
+      }
     }
   });
   for (int64_t n = 0; n < items; ++n)
