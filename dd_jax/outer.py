@@ -7,8 +7,11 @@ ends exactly where the uninterrupted run would.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -245,7 +248,10 @@ def distill(
 
     config: a ConfigDict (default `dd_jax.config.default_config()`); keyword `overrides` replace
     its fields, e.g. ``distill(ds, LeNet(), steps=10, passes=20)``. With `workdir`, checkpoints
-    go there every `checkpoint_every` iterations and ``resume=True`` continues from the last one.
+    go there every `checkpoint_every` iterations and ``resume=True`` continues from the last one;
+    in a single-process run, Ctrl-C or SIGTERM (``kill PID``, a scheduler's preemption) lets
+    the iteration in flight finish, checkpoints it and raises KeyboardInterrupt (a second one
+    interrupts at once).
     `log` receives one dict per logged iteration (loss, step sizes, seconds, test accuracy).
     `on_start` is called with the first iteration to run once the state is built and any
     checkpoint restored: a caller that writes its files there leaves them untouched when the
@@ -273,7 +279,8 @@ def distill(
     if on_start is not None:
         on_start(start_it)
 
-    with _progress(total, start_it, progress) as bar:
+    graceful = ckpt is not None and jax.process_count() == 1
+    with _progress(total, start_it, progress) as bar, _stop_requests(graceful) as stop:
         postfix: dict[str, str] = {}
         last_saved = start_it
         t0 = time.perf_counter() - elapsed
@@ -312,6 +319,12 @@ def distill(
                 postfix["loss"] = f"{loss:.3f}"
                 bar.set_postfix(postfix, refresh=False)
             bar.update(1)
+            if stop.is_set():
+                if last_saved != done:
+                    save_checkpoint(ckpt, state,
+                                    {"iteration": done, "seconds": time.perf_counter() - t0},
+                                    keep=config.keep_checkpoints)
+                raise KeyboardInterrupt
     learned = state.learned if best is None else best.learned
     soft = None if learned.labels is None else np.asarray(learned.labels)
     return DistilledData(
@@ -328,6 +341,32 @@ def distill(
         soft_labels=soft, inner_optimizer=config.inner_optimizer,
         inner_momentum=config.inner_momentum,
     )
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool):
+    """While the loop runs (`enabled`, in the main thread): an Event set by the first SIGTERM,
+    or the first SIGINT (Ctrl-C) unless SIGINT is ignored (a background job); a second one
+    raises KeyboardInterrupt at once. The previous handlers come back afterwards."""
+    stop = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request_stop(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signals.append(signal.SIGINT)
+    previous = {sig: signal.signal(sig, request_stop) for sig in signals}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -226,8 +226,20 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
-def interrupt_meta_step(monkeypatch, after_calls: int):
-    """The meta-step raises KeyboardInterrupt on call after_calls + 1, as Ctrl-C would."""
+class Killed(BaseException):
+    """What `interrupt_meta_step(how="kill")` raises: the process ending with no handler run, as
+    with ``kill -9`` (no Python code sees it; here the exception leaves every handler out)."""
+
+
+def interrupt_meta_step(monkeypatch, after_calls: int, how: str = "interrupt"):
+    """The meta-step is interrupted on call after_calls + 1: ``how="interrupt"`` raises
+    KeyboardInterrupt there (Ctrl-C where no handler defers it, or a second Ctrl-C);
+    ``"sigint"`` / ``"sigterm"`` send this process the signal (Ctrl-C; ``kill PID``, a
+    scheduler's preemption) and let the step run; ``"kill"`` raises `Killed`, as ``kill -9``
+    ends the process."""
+    import os
+    import signal
+
     import dd_jax.outer
 
     real = dd_jax.outer.make_meta_step
@@ -238,8 +250,10 @@ def interrupt_meta_step(monkeypatch, after_calls: int):
 
         def interrupted(*a, **k):
             calls[0] += 1
-            if calls[0] > after_calls:
-                raise KeyboardInterrupt
+            if calls[0] == after_calls + 1 and how in ("sigint", "sigterm"):
+                os.kill(os.getpid(), signal.SIGINT if how == "sigint" else signal.SIGTERM)
+            elif calls[0] > after_calls:
+                raise Killed if how == "kill" else KeyboardInterrupt
             return step(*a, **k)
 
         return interrupted

@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -19,7 +21,7 @@ import pytest
 
 import dd_jax
 import dd_jax.outer
-from conftest import MNIST_GZ, ROOT, corrupt_mnist_file, interrupt_meta_step, make_tiny_convnet
+from conftest import MNIST_GZ, ROOT, Killed, corrupt_mnist_file, interrupt_meta_step, make_tiny_convnet
 from dd_jax import data
 from dd_jax.checkpoint import checkpoint_meta, has_checkpoint
 from dd_jax.config import SECTIONS, default_config
@@ -323,20 +325,31 @@ def test_flag_form_errors(capsys, tmp_path, args, fragments):
 # --------------------------------------------------------------------------- kill and resume
 
 
-@pytest.mark.parametrize("how", ["killed", "shorter_run"])
+@pytest.mark.parametrize("how", ["killed", "interrupt", "sigint", "sigterm", "shorter_run"])
 def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, how):
+    """Stopped in iteration 6 and resumed, the run ends as the uninterrupted one, bitwise:
+    killed (kill -9) or interrupted at once, it resumes from the periodic checkpoint at 4;
+    on Ctrl-C or SIGTERM it finishes iteration 6 and checkpoints it first; or run shorter."""
     a, _ = reference
     b = tmp_path / "B"
-    if how == "killed":
-        # iterations 1-5 done (rows logged up to 5), last checkpoint at 4, killed in 6
+    if how != "shorter_run":
+        if how in ("sigint", "sigterm") and threading.current_thread() is not threading.main_thread():
+            pytest.skip("signal handlers need the main thread")
+        handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         with monkeypatch.context() as m:
-            interrupt_meta_step(m, after_calls=5)
-            rc, _, err = call_main([*TINY, f"--output_dir={b}"])
-        assert rc == 130
-        assert "Traceback" not in err and "--resume" in err
-        assert checkpoint_meta(b / "checkpoint")["iteration"] == 4
-        assert [r["iteration"] for r in metrics(b)] == [1, 2, 3, 4, 5]
+            interrupt_meta_step(m, after_calls=5, how="kill" if how == "killed" else how)
+            if how == "killed":
+                with pytest.raises(Killed):
+                    call_main([*TINY, f"--output_dir={b}"])
+            else:
+                rc, _, err = call_main([*TINY, f"--output_dir={b}"])
+                assert rc == 130
+                assert "Traceback" not in err and "--resume" in err
+        last = 6 if how in ("sigint", "sigterm") else 5
+        assert checkpoint_meta(b / "checkpoint")["iteration"] == (6 if last == 6 else 4)
+        assert [r["iteration"] for r in metrics(b)] == list(range(1, last + 1))
         assert not (b / "results.json").exists()
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
         # resume with no flags but the directory: the saved config.json supplies the rest
         resume = ["mnist_fixed_init", f"--output_dir={b}", "--resume", "--quiet"]
     else:
@@ -427,8 +440,8 @@ def test_random_regime_kill_and_resume_equals_uninterrupted(digits8, tmp_path, m
     rows_a, rows_b = [], []
     a = run("A", rows_a)
     with monkeypatch.context() as m:
-        interrupt_meta_step(m, after_calls=5)  # iterations 1-5 done, killed in 6
-        with pytest.raises(KeyboardInterrupt):
+        interrupt_meta_step(m, after_calls=5, how="kill")  # iterations 1-5 done, killed in 6
+        with pytest.raises(Killed):
             run("B", rows_b)
     assert checkpoint_meta(tmp_path / "B" / "checkpoint")["iteration"] == 4
     rows_b = [r for r in rows_b if r["iteration"] <= 4]  # what --resume keeps of metrics.jsonl
@@ -447,14 +460,14 @@ def test_random_regime_kill_and_resume_equals_uninterrupted(digits8, tmp_path, m
 
 
 @pytest.mark.parametrize("how", ["resume", "plain"])
-def test_interrupted_before_first_checkpoint_starts_afresh(reference, tmp_path, monkeypatch, how):
-    """Killed before its first checkpoint, a run holds nothing worth keeping: the advice printed
-    (--resume) and the plain command both start it afresh and give the uninterrupted run."""
+def test_killed_before_first_checkpoint_starts_afresh(reference, tmp_path, monkeypatch, how):
+    """Killed (kill -9) before its first checkpoint, a run holds nothing worth keeping: --resume
+    and the plain command both start it afresh and give the uninterrupted run."""
     out = tmp_path / "early"
     with monkeypatch.context() as m:
-        interrupt_meta_step(m, after_calls=1)  # killed in iteration 2, checkpoint_every=2
-        rc, _, err = call_main([*TINY, f"--output_dir={out}"])
-    assert rc == 130 and "--resume" in err
+        interrupt_meta_step(m, after_calls=1, how="kill")  # killed in iteration 2, checkpoint_every=2
+        with pytest.raises(Killed):
+            call_main([*TINY, f"--output_dir={out}"])
     assert not has_checkpoint(out / "checkpoint")
     assert [r["iteration"] for r in metrics(out)] == [1]
     run_ok([*TINY, f"--output_dir={out}", *(["--resume"] if how == "resume" else [])])
