@@ -22,7 +22,6 @@
 #include <cstring>
 #include <initializer_list>
 #include <memory>
-#include <optional>
 #include <type_traits>
 #include <thread>
 #include <vector>
@@ -363,6 +362,10 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
                       const Operand& xo, const T* dy, const Operand& dyo, T* dw) {
   constexpr int64_t kMaxCIB = 6, kMaxCB = 4, kMaxDJ = 4, kMaxColumnsCB = 6;
   const int64_t K = s.kh * s.kw * s.Ci * s.Co;
+  if (items == 0 || s.B == 0) {  // no items, or no images: a zero gradient
+    std::fill(dw, dw + items * K, T{0});
+    return;
+  }
   const int64_t tasks = 2 * std::max<int64_t>(1, pool.num_threads());
   const int64_t chunks = std::min<int64_t>(s.B, std::max<int64_t>(1, tasks / items));
   const int64_t splits = items * chunks < tasks ? s.kh : 1;  // of the rows di
