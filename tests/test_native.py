@@ -191,6 +191,16 @@ def test_one_call_for_nested_vmaps_equals_a_loop_to_second_order():
                 np.testing.assert_allclose(np.asarray(b[i, j]), np.asarray(a), rtol=2e-5, atol=2e-4)
 
 
+def test_an_empty_batch_has_a_zero_kernel_gradient():
+    """No images (no blocks), or no vmapped networks: a zero or empty gradient, no crash."""
+    x, dy = jnp.zeros((0, 8, 8, 2, 16)), jnp.zeros((0, 6, 6, 3, 16))
+    np.testing.assert_array_equal(np.asarray(native.conv_weight_grad(x, dy, (0, 0), (3, 3))),
+                                  np.zeros((3, 3, 2, 3)))
+    kernels = jnp.zeros((0, 3, 3, 2, 3))
+    y = jax.vmap(lambda k: native.conv_layer(jnp.ones((1, 8, 8, 2, 16)), k, jnp.zeros(3), 0))(kernels)
+    assert y.shape == (0, 1, 6, 6, 3, 16)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(padding=3), "padding"),
     (dict(pool=True, hw=(7, 7)), "even"),
