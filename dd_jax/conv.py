@@ -133,8 +133,8 @@ class ToeplitzConv(nn.Module):
     convolved from im2col patches instead: there the per-op cost of building T from the
     kernel at every inner step outweighs the Toeplitz form's larger matmuls. With ``native``,
     every batch is convolved by the C++ kernels of `dd_jax.native` when the program runs on
-    CPU and they could be built: direct convolutions, faster than either form there (the
-    distilled batches in blocks of 16 images, all vmapped networks in one call). ``relu``
+    CPU and they could be built: direct convolutions, faster than either form there (a
+    10-image distilled batch in one block of 16, all vmapped networks in one call). ``relu``
     rectifies the output (fused there).
     x (N, H, W, Ci) -> (N, Ho, Wo, features), Ho = H + 2p - kh + 1 (halved with ``pool``).
     """
@@ -174,7 +174,7 @@ class ToeplitzConv(nn.Module):
 
 
 # What a model's ``conv`` field selects: the same function, the same parameters.
-# 'native' (ToeplitzConv with the C++ kernels of dd_jax.native for large batches on CPU) is the
+# 'native' (ToeplitzConv with the C++ kernels of dd_jax.native for every batch on CPU) is the
 # fast one on CPU, 'toeplitz' (ToeplitzConv) the fastest in pure XLA; 'xla' is flax.linen.Conv.
 CONVS = ("native", "toeplitz", "xla")
 

@@ -249,9 +249,10 @@ def distill(
     config: a ConfigDict (default `dd_jax.config.default_config()`); keyword `overrides` replace
     its fields, e.g. ``distill(ds, LeNet(), steps=10, passes=20)``. With `workdir`, checkpoints
     go there every `checkpoint_every` iterations and ``resume=True`` continues from the last one;
-    in a single-process run, Ctrl-C or SIGTERM (``kill PID``, a scheduler's preemption) lets
-    the iteration in flight finish, checkpoints it and raises KeyboardInterrupt (a second one
-    interrupts at once).
+    in a single-process run called from the main thread, SIGTERM (``kill PID``, a scheduler's
+    preemption) or Ctrl-C (where Python's own SIGINT handler is installed) lets the iteration
+    in flight finish, checkpoints it and raises KeyboardInterrupt (a second one interrupts at
+    once; one during the last iteration lets the run finish).
     `log` receives one dict per logged iteration (loss, step sizes, seconds, test accuracy).
     `on_start` is called with the first iteration to run once the state is built and any
     checkpoint restored: a caller that writes its files there leaves them untouched when the
@@ -319,7 +320,7 @@ def distill(
                 postfix["loss"] = f"{loss:.3f}"
                 bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-            if stop.is_set():
+            if stop.is_set() and done < total:
                 if last_saved != done:
                     save_checkpoint(ckpt, state,
                                     {"iteration": done, "seconds": time.perf_counter() - t0},
@@ -345,8 +346,9 @@ def distill(
 
 @contextlib.contextmanager
 def _stop_requests(enabled: bool):
-    """While the loop runs (`enabled`, in the main thread): an Event set by the first SIGTERM,
-    or the first SIGINT (Ctrl-C) unless SIGINT is ignored (a background job); a second one
+    """While the loop runs (`enabled`, in the main thread): an Event set by the first SIGTERM
+    (unless SIGTERM has a handler other than the default, or is ignored) or the first SIGINT
+    (where Python's Ctrl-C handler is installed; a background job ignores SIGINT); a second one
     raises KeyboardInterrupt at once. The previous handlers come back afterwards."""
     stop = threading.Event()
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -358,9 +360,9 @@ def _stop_requests(enabled: bool):
             raise KeyboardInterrupt
         stop.set()
 
-    signals = [signal.SIGTERM]
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signals.append(signal.SIGINT)
+    signals = [sig for sig, default in ((signal.SIGTERM, signal.SIG_DFL),
+                                        (signal.SIGINT, signal.default_int_handler))
+               if signal.getsignal(sig) is default]
     previous = {sig: signal.signal(sig, request_stop) for sig in signals}
     try:
         yield stop

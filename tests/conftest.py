@@ -227,8 +227,9 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
 
 
 class Killed(BaseException):
-    """What `interrupt_meta_step(how="kill")` raises: the process ending with no handler run, as
-    with ``kill -9`` (no Python code sees it; here the exception leaves every handler out)."""
+    """What `interrupt_meta_step(how="kill")` raises, standing for ``kill -9``: no except clause
+    of the code under test catches it, so nothing is saved on the way out (finally clauses and
+    context exits still run, as they would not after a real kill -9)."""
 
 
 def interrupt_meta_step(monkeypatch, after_calls: int, how: str = "interrupt"):

@@ -327,9 +327,10 @@ def test_flag_form_errors(capsys, tmp_path, args, fragments):
 
 @pytest.mark.parametrize("how", ["killed", "interrupt", "sigint", "sigterm", "shorter_run"])
 def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, how):
-    """Stopped in iteration 6 and resumed, the run ends as the uninterrupted one, bitwise:
-    killed (kill -9) or interrupted at once, it resumes from the periodic checkpoint at 4;
-    on Ctrl-C or SIGTERM it finishes iteration 6 and checkpoints it first; or run shorter."""
+    """Stopped and resumed, the run ends as the uninterrupted one, bitwise: killed (kill -9)
+    or interrupted at once in iteration 6, it resumes from the periodic checkpoint at 4; on
+    Ctrl-C or SIGTERM in iteration 5 it finishes that iteration and checkpoints it first; or
+    run shorter."""
     a, _ = reference
     b = tmp_path / "B"
     if how != "shorter_run":
@@ -337,7 +338,9 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
             pytest.skip("signal handlers need the main thread")
         handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         with monkeypatch.context() as m:
-            interrupt_meta_step(m, after_calls=5, how="kill" if how == "killed" else how)
+            signalled = how in ("sigint", "sigterm")
+            interrupt_meta_step(m, after_calls=4 if signalled else 5,
+                                how="kill" if how == "killed" else how)
             if how == "killed":
                 with pytest.raises(Killed):
                     call_main([*TINY, f"--output_dir={b}"])
@@ -345,9 +348,8 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
                 rc, _, err = call_main([*TINY, f"--output_dir={b}"])
                 assert rc == 130
                 assert "Traceback" not in err and "--resume" in err
-        last = 6 if how in ("sigint", "sigterm") else 5
-        assert checkpoint_meta(b / "checkpoint")["iteration"] == (6 if last == 6 else 4)
-        assert [r["iteration"] for r in metrics(b)] == list(range(1, last + 1))
+        assert checkpoint_meta(b / "checkpoint")["iteration"] == (5 if signalled else 4)
+        assert [r["iteration"] for r in metrics(b)] == [1, 2, 3, 4, 5]
         assert not (b / "results.json").exists()
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
         # resume with no flags but the directory: the saved config.json supplies the rest
@@ -373,6 +375,20 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
         assert x["meta_loss"] == y["meta_loss"], x["iteration"]
         assert x["step_sizes"] == y["step_sizes"], x["iteration"]
     assert checkpoint_meta(b / "checkpoint")["iteration"] == N
+
+
+def test_sigterm_in_the_last_iteration_lets_the_run_finish(reference, tmp_path, monkeypatch):
+    """A stop asked for while the last iteration runs: the run ends as it would have (its
+    results written, exit 0), as the uninterrupted one."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    a, _ = reference
+    b = tmp_path / "B"
+    with monkeypatch.context() as m:
+        interrupt_meta_step(m, after_calls=N - 1, how="sigterm")
+        run_ok([*TINY, f"--output_dir={b}"])
+    assert json.loads((b / "results.json").read_text())["test_accs"] == \
+        json.loads((a / "results.json").read_text())["test_accs"]
 
 
 # learned labels (5 images for the 10 classes) kept >= 0, momentum, a random 2-step window of

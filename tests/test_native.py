@@ -109,6 +109,8 @@ AWKWARD = [  # (batch, image hw, kernel hw, padding, pool, in channels, out chan
     pytest.param(10, (12, 12), (5, 5), 2, True, 1, 7, id="1to7-pool-batch10"),
     pytest.param(40, (9, 11), (3, 5), 2, False, 1, 3, id="1to3-batch40"),
     pytest.param(10, (12, 13), (5, 5), 2, False, 6, 1, id="6to1-batch10"),
+    # an image narrower than the kernel's reach: every kernel column partly in the padding
+    pytest.param(10, (6, 1), (5, 5), 2, False, 1, 3, id="1to3-width1-batch10"),
 ]
 F32_TOL = 2e-5  # float32 rounding (a few 1e-6 here), relative to the largest entry of an array
 

@@ -331,7 +331,7 @@ template <typename T, int NB, int DJ, int CB>
 inline void weight_grad_columns_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* part,
                                      int64_t di, int64_t dj0, int64_t co0) {
   const int64_t i0 = std::max<int64_t>(0, s.ph - di), i1 = std::min(s.Ho, s.H + s.ph - di);
-  const int64_t j0 = std::max<int64_t>(0, s.pw - dj0);
+  const int64_t j0 = std::min(s.Wo, std::max<int64_t>(0, s.pw - dj0));
   const int64_t j1 = std::max(j0, std::min(s.Wo, s.W + s.pw - (dj0 + DJ - 1)));
   for (int64_t lane0 = 0; lane0 < NB; lane0 += kLanes<T>) {
     Vec<T> acc[DJ][CB] = {};
@@ -460,6 +460,8 @@ ffi::Error forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   if (s.has_error()) return s.error();
   if (index && (s->Ho % 2 || s->Wo % 2))
     return ffi::Error::InvalidArgument("dd_jax conv: pooling needs an even output");
+  if (y.dimensions().size() < 5 || trailing(y.dimensions(), 5)[3] != s->Co)
+    return ffi::Error::InvalidArgument("dd_jax conv: y must be (..., B, Ho, Wo, Co, NB)");
   const Lead lead(y.dimensions(), 5);
   Operand xo, wo, bo;
   if (!lead.operand(x.dimensions(), 5, xo) || !lead.operand(w.dimensions(), 4, wo) ||
