@@ -312,7 +312,8 @@ def distill(
                 postfix["acc"] = f"{acc['mean']:.4f}"
             if row is not None and log is not None:
                 log(row)
-            if ckpt is not None and (done % config.checkpoint_every == 0 or done == total):
+            stopping = stop.is_set() and done < total  # read once: a later request waits
+            if ckpt is not None and (done % config.checkpoint_every == 0 or done == total or stopping):
                 save_checkpoint(ckpt, state, {"iteration": done, "seconds": time.perf_counter() - t0},
                                 keep=config.keep_checkpoints)
                 last_saved = done
@@ -320,11 +321,7 @@ def distill(
                 postfix["loss"] = f"{loss:.3f}"
                 bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-            if stop.is_set() and done < total:
-                if last_saved != done:
-                    save_checkpoint(ckpt, state,
-                                    {"iteration": done, "seconds": time.perf_counter() - t0},
-                                    keep=config.keep_checkpoints)
+            if stopping:
                 raise KeyboardInterrupt
     learned = state.learned if best is None else best.learned
     soft = None if learned.labels is None else np.asarray(learned.labels)

@@ -294,9 +294,11 @@ void conv_forward(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T*
   });
 }
 
-// One kernel offset (di, dj), input channels ci0.., output channels co0..: CIB x CB register
-// accumulators over the output pixels of one block in columns [jlo, jhi), added to the
-// per-lane partial sums.
+// Kernel row di, CIB consecutive (kernel column, input channel) entries from (dj, ci0) (input
+// channels ci0.. of column dj; with a single input channel, kernel columns dj..), output
+// channels co0..: CIB x CB register accumulators over the output pixels of one block in
+// columns [jlo, jhi), added to the per-lane partial sums. Columns are clamped to where kernel
+// column dj lies inside x; entries of later columns need [jlo, jhi) to keep them there too.
 template <typename T, int NB, int CIB, int CB>
 inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* part, int64_t di,
                              int64_t dj, int64_t ci0, int64_t co0, int64_t jlo, int64_t jhi) {
@@ -323,31 +325,16 @@ inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* 
 }
 
 // A single input channel (Ci = 1): kernel columns dj0 .. dj0+DJ-1 of row di, output channels
-// co0..: DJ x CB accumulators, each pixel's DJ neighbouring inputs and CB output gradients
-// loaded once for all of them (a tile over channels would load CB + 1 registers for CB
-// multiply-adds). The columns where some of those kernel columns fall into the padding go
-// through `weight_grad_tile`, one kernel column at a time.
+// co0..: one `weight_grad_tile` over the DJ columns together where all of them lie inside x
+// (each pixel's DJ neighbouring inputs and CB output gradients loaded once for DJ x CB
+// multiply-adds; a tile over the one channel would load CB + 1 registers for CB), the
+// columns where some fall into the padding one kernel column at a time.
 template <typename T, int NB, int DJ, int CB>
 inline void weight_grad_columns_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* part,
                                      int64_t di, int64_t dj0, int64_t co0) {
-  const int64_t i0 = std::max<int64_t>(0, s.ph - di), i1 = std::min(s.Ho, s.H + s.ph - di);
   const int64_t j0 = std::min(s.Wo, std::max<int64_t>(0, s.pw - dj0));
   const int64_t j1 = std::max(j0, std::min(s.Wo, s.W + s.pw - (dj0 + DJ - 1)));
-  for (int64_t lane0 = 0; lane0 < NB; lane0 += kLanes<T>) {
-    Vec<T> acc[DJ][CB] = {};
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t j = j0; j < j1; ++j) {
-        const T* xp = xb + ((i + di - s.ph) * s.W + (j + dj0 - s.pw)) * NB + lane0;
-        const T* dp = dyb + ((i * s.Wo + j) * s.Co + co0) * NB + lane0;
-        Vec<T> xv[DJ], dv[CB];
-        for (int a = 0; a < DJ; ++a) xv[a] = load(xp + a * NB);
-        for (int c = 0; c < CB; ++c) dv[c] = load(dp + c * NB);
-        for (int a = 0; a < DJ; ++a)
-          for (int c = 0; c < CB; ++c) acc[a][c] += xv[a] * dv[c];
-      }
-    for (int a = 0; a < DJ; ++a)
-      for (int c = 0; c < CB; ++c) part[((di * s.kw + dj0 + a) * s.Co) + co0 + c] += acc[a][c];
-  }
+  weight_grad_tile<T, NB, DJ, CB>(s, xb, dyb, part, di, dj0, 0, co0, j0, j1);
   for (int a = 0; a < DJ; ++a) {
     weight_grad_tile<T, NB, 1, CB>(s, xb, dyb, part, di, dj0 + a, 0, co0, 0, j0);
     weight_grad_tile<T, NB, 1, CB>(s, xb, dyb, part, di, dj0 + a, 0, co0, j1, s.Wo);
