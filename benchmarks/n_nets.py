@@ -28,7 +28,7 @@ from benchmarks.common import (
     time_steps,
 )
 from dd_jax.meta import meta_loss
-from dd_jax.outer import DistillState, OuterLoop, build_outer_loop
+from dd_jax.outer_step import DistillState, OuterLoop, build_outer_loop
 from dd_jax.outputs import markdown_table
 from dd_jax.runs import load_data_and_model
 from dd_jax.schedule import make_optimizer

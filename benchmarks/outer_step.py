@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, run_main, time_steps
-from dd_jax.outer import build_outer_loop
+from dd_jax.outer_step import build_outer_loop
 from dd_jax.outputs import markdown_table
 from dd_jax.runs import load_data_and_model
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.common import experiment_config, machine_info, machine_line, parse_flags, run_main
-from dd_jax.outer import build_outer_loop
+from dd_jax.outer_step import build_outer_loop
 from dd_jax.outputs import markdown_table, saved_figure, write_json
 from dd_jax.runs import load_data_and_model
 

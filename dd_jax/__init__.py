@@ -7,7 +7,8 @@ The data flow, one module per stage (docs/layout.md draws the same map):
          -> pretrain (pools of trained networks) -> regimes (the initialisations theta_0)
          -> inner (T steps of GD on the distilled data; unroll: other optimisers, windows)
          -> meta (the meta-loss on a real batch; objective: plain or poison)
-         -> outer (the outer loop; schedule, validation, selection; sharding over devices)
+         -> outer (the outer loop; outer_step: its jitted iteration; schedule, validation,
+            selection, interrupts; sharding over devices)
          -> evaluation (protocols: training from scratch on any architecture)
          -> distilled (the result and its .npz) -> outputs (figures, metrics, tables)
 

@@ -1,6 +1,7 @@
 """Stage 1 - data: the dataset type every loader returns (`Dataset`: normalised NHWC float32
-images), a training set cut into a learning part and a holdout (`Split`), and the pixel
-transforms the loaders share."""
+images), a training set cut into a learning part and a holdout (`Split`), the pixel
+transforms the loaders share, and the order in which the outer loop draws real batches
+(`BatchOrder`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -93,3 +94,21 @@ def resize(pixels: np.ndarray, size: int, method: str = "bilinear") -> np.ndarra
         pixels.astype(np.float32), (pixels.shape[0], size, size, pixels.shape[-1]), method
     )
     return np.asarray(out)
+
+
+class BatchOrder:
+    """Real batches as the authors' shuffled loader draws them: a fresh permutation per pass,
+    consecutive slices of `batch_size`, the remainder dropped."""
+
+    def __init__(self, key: jax.Array, n_train: int, batch_size: int):
+        self.key, self.n_train = key, n_train
+        self.batch_size = min(batch_size, n_train)
+        self.per_pass = n_train // self.batch_size
+        self._pass, self._perm = -1, None
+
+    def __call__(self, iteration: int) -> np.ndarray:
+        p, i = divmod(iteration, self.per_pass)
+        if p != self._pass:
+            self._pass = p
+            self._perm = np.asarray(jax.random.permutation(jax.random.fold_in(self.key, p), self.n_train))
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]

@@ -241,9 +241,9 @@ def interrupt_meta_step(monkeypatch, after_calls: int, how: str = "interrupt"):
     import os
     import signal
 
-    import dd_jax.outer
+    import dd_jax.outer_step
 
-    real = dd_jax.outer.make_meta_step
+    real = dd_jax.outer_step.make_meta_step
 
     def patched(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -259,4 +259,4 @@ def interrupt_meta_step(monkeypatch, after_calls: int, how: str = "interrupt"):
 
         return interrupted
 
-    monkeypatch.setattr(dd_jax.outer, "make_meta_step", patched)
+    monkeypatch.setattr(dd_jax.outer_step, "make_meta_step", patched)

@@ -34,7 +34,7 @@ from conftest import make_tiny_convnet  # noqa: E402
 from dd_jax.config import default_config  # noqa: E402
 from dd_jax.dataset import Dataset  # noqa: E402
 from dd_jax.meta import meta_loss  # noqa: E402
-from dd_jax.outer import build_outer_loop  # noqa: E402
+from dd_jax.outer_step import build_outer_loop  # noqa: E402
 from dd_jax.sharding import sharded_meta_loss  # noqa: E402
 
 ITERATIONS = 3

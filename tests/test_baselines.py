@@ -18,7 +18,7 @@ from dd_jax.config import default_config
 from dd_jax.errors import ConfigError
 from dd_jax.meta import distilled_labels
 from dd_jax.models import as_model, get_model
-from dd_jax.outer import build_outer_loop
+from dd_jax.outer_step import build_outer_loop
 from experiments.configs import EXPERIMENTS
 
 

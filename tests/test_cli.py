@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 import dd_jax
-import dd_jax.outer
 from conftest import MNIST_GZ, ROOT, Killed, corrupt_mnist_file, interrupt_meta_step, make_tiny_convnet
 from dd_jax import data
 from dd_jax.checkpoint import checkpoint_meta, has_checkpoint
@@ -341,6 +340,7 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
             signalled = how in ("sigint", "sigterm")
             interrupt_meta_step(m, after_calls=4 if signalled else 5,
                                 how="kill" if how == "killed" else how)
+            err = ""
             if how == "killed":
                 with pytest.raises(Killed):
                     call_main([*TINY, f"--output_dir={b}"])
@@ -348,7 +348,8 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
                 rc, _, err = call_main([*TINY, f"--output_dir={b}"])
                 assert rc == 130
                 assert "Traceback" not in err and "--resume" in err
-        assert checkpoint_meta(b / "checkpoint")["iteration"] == (5 if signalled else 4)
+        assert checkpoint_meta(b / "checkpoint")["iteration"] == (5 if signalled else 4), (
+            [r["iteration"] for r in metrics(b)], err, handlers)
         assert [r["iteration"] for r in metrics(b)] == [1, 2, 3, 4, 5]
         assert not (b / "results.json").exists()
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers

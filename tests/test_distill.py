@@ -15,7 +15,7 @@ from dd_jax.config import default_config
 from dd_jax.evaluation import Evaluator
 from dd_jax.meta import Learned
 from dd_jax.models import LeNet, as_model
-from dd_jax.outer import build_outer_loop
+from dd_jax.outer_step import build_outer_loop
 from dd_jax.schedule import clip_by_ema_norm, make_optimizer
 from dd_jax.selection import BestOnValidation
 

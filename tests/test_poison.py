@@ -21,7 +21,7 @@ from dd_jax.evaluation import Evaluator, evaluate
 from dd_jax.inner import inner_train
 from dd_jax.meta import Learned, meta_loss
 from dd_jax.models import as_model
-from dd_jax.outer import build_outer_loop
+from dd_jax.outer_step import build_outer_loop
 from dd_jax.poison import attack_metrics, check_poison, evaluate_poison, poison_labels, summarise_attack
 
 # --------------------------------------------------------------------------- the label map

@@ -143,7 +143,7 @@ def test_sample_init_deterministic_per_key():
 def _random_regime_inits(model, dists, n_nets=2):
     regimes = [make_regime("random", jax.random.PRNGKey(0), model, X1, n_nets=n_nets, dist=d)
                for d in dists]
-    # as outer.make_meta_step calls it: inside jit, with a traced iteration counter
+    # as outer_step.make_meta_step calls it: inside jit, with a traced iteration counter
     return jax.jit(lambda it: [r.train_inits(it) for r in regimes])(jnp.asarray(3, jnp.int32))
 
 

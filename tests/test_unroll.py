@@ -19,7 +19,7 @@ from dd_jax.config import default_config
 from dd_jax.inner import cross_entropy, inner_train
 from dd_jax.meta import Learned, meta_loss
 from dd_jax.models import as_model
-from dd_jax.outer import build_outer_loop, inner_spec
+from dd_jax.outer_step import build_outer_loop, inner_spec
 from dd_jax.unroll import ADAM_B2, ADAM_EPS, ADAM_EPS_ROOT, InnerSpec, optimizer_train, optimizer_update, window_stop
 
 STEPS, EPOCHS, K, HW = 2, 3, 3, 4
