@@ -7,12 +7,11 @@ from it, and every field is a command-line flag.
 """
 from __future__ import annotations
 
-import difflib
 from typing import Iterable, NamedTuple
 
 import ml_collections
 
-from dd_jax.errors import ConfigError
+from dd_jax.errors import ConfigError, did_you_mean
 
 
 class Field(NamedTuple):
@@ -129,8 +128,7 @@ def check_known(config, names: Iterable[str], as_flags: bool = False) -> None:
     dash = "--" if as_flags else ""
     for name in names:
         if name not in config:
-            near = difflib.get_close_matches(name, list(config.keys()), n=3)
-            hint = f" (did you mean {', '.join(dash + n for n in near)}?)" if near else ""
+            hint = did_you_mean(name, config.keys(), dash)
             raise ConfigError(f"unknown {'flag' if as_flags else 'config field'} {dash}{name}{hint}; "
                               f"valid: {', '.join(dash + k for k in config.keys())}")
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 class DDJaxError(Exception):
@@ -20,6 +21,13 @@ class DataError(DDJaxError):
 
 class DivergedError(DDJaxError, FloatingPointError):
     """The meta-loss became NaN or infinite."""
+
+
+def did_you_mean(name: str, choices: Iterable[str], prefix: str = "") -> str:
+    """' (did you mean A, B?)': up to three of `choices` close to `name`, each written with
+    `prefix` (e.g. '--'); '' when none is close."""
+    near = difflib.get_close_matches(name, sorted(choices), n=3)
+    return f" (did you mean {', '.join(prefix + n for n in near)}?)" if near else ""
 
 
 @contextlib.contextmanager

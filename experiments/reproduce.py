@@ -17,14 +17,13 @@ whose config has that field (for short trial runs; a full table takes none).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from dd_jax.errors import ConfigError, DDJaxError
+from dd_jax.errors import ConfigError, DDJaxError, did_you_mean
 from dd_jax.outputs import markdown_table, write_json
 from dd_jax.runs import CONFIG, RESULTS, git_state
 from experiments import run as cli
@@ -255,9 +254,7 @@ def select_rows(only: str) -> list[Row]:
     known = {r.name for r in ROWS}
     for n in names:
         if n not in known:
-            near = difflib.get_close_matches(n, known, n=3)
-            hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            raise ConfigError(f"--only: unknown row {n!r}{hint}; --list names them")
+            raise ConfigError(f"--only: unknown row {n!r}{did_you_mean(n, known)}; --list names them")
     return [r for r in ROWS if r.name in names]
 
 
@@ -296,9 +293,7 @@ def check_flags(rows: list[Row], flags: dict[str, str]) -> None:
         fields |= set(cli.resolve_config(row.experiment, {}, False)[0].keys())
     for key in flags:
         if key not in fields:
-            near = difflib.get_close_matches(key, fields, n=3)
-            hint = f" (did you mean {', '.join('--' + n for n in near)}?)" if near else ""
-            raise ConfigError(f"unknown flag --{key}{hint}; {USAGE}")
+            raise ConfigError(f"unknown flag --{key}{did_you_mean(key, fields, '--')}; {USAGE}")
 
 
 def reproduce(rows: list[Row], out: Path, flags: dict[str, str], progress: bool = False) -> list[dict]:

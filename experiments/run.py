@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from dd_jax.config import SECTIONS, Sections, check_known, default_config
-from dd_jax.errors import ConfigError, DDJaxError
+from dd_jax.errors import ConfigError, DDJaxError, did_you_mean
 from dd_jax.linear import LINEAR_SECTIONS
 from experiments.configs import EXPERIMENTS
 
@@ -91,7 +91,8 @@ def named_config(name: str):
     """A fresh copy of the named experiment's ConfigDict; ConfigError listing the names if
     there is none."""
     if name not in EXPERIMENTS:
-        raise ConfigError(f"unknown experiment {name!r}; valid names: {', '.join(EXPERIMENTS)}")
+        raise ConfigError(f"unknown experiment {name!r}{did_you_mean(name, EXPERIMENTS)}; "
+                          f"valid names: {', '.join(EXPERIMENTS)}")
     return EXPERIMENTS[name]()
 
 

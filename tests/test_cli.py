@@ -704,6 +704,7 @@ def test_distilled_of_the_wrong_model(reference, tmp_path, how, fragment):
 
 BAD_INPUT = [
     (["nope"], ["unknown experiment 'nope'", *EXPERIMENTS]),
+    (["mnist_fixd_init"], ["unknown experiment 'mnist_fixd_init' (did you mean mnist_fixed_init,"]),
     ([], ["no experiment named", *EXPERIMENTS]),
     (["mnist_fixed_init", "--stepz=2"], ["--stepz", "did you mean --steps"]),
     (["mnist_fixed_init", "--steps=abc"], ["--steps='abc'", "an integer"]),
