@@ -325,7 +325,7 @@ def test_flag_form_errors(capsys, tmp_path, args, fragments):
 
 
 @pytest.mark.parametrize("how", ["killed", "interrupt", "sigint", "sigterm", "shorter_run"])
-def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, how):
+def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, request, how):
     """Stopped and resumed, the run ends as the uninterrupted one, bitwise: killed (kill -9)
     or interrupted at once in iteration 6, it resumes from the periodic checkpoint at 4; on
     Ctrl-C or SIGTERM in iteration 5 it finishes that iteration and checkpoints it first; or
@@ -335,6 +335,9 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
     if how != "shorter_run":
         if how in ("sigint", "sigterm") and threading.current_thread() is not threading.main_thread():
             pytest.skip("signal handlers need the main thread")
+        if how == "sigint":  # as in a terminal: Python's own Ctrl-C handler, whatever ran before
+            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+            request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
         handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         with monkeypatch.context() as m:
             signalled = how in ("sigint", "sigterm")
