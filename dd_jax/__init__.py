@@ -2,7 +2,7 @@
 
 The data flow, one module per stage (docs/layout.md draws the same map):
 
-    data (dataset: the type; usps, tfds_data: more loaders)
+    data (dataset: the type, the real batches' order; usps, tfds_data: more loaders)
          -> models (conv: the 5x5 layers; native: their C++ kernels)
          -> pretrain (pools of trained networks) -> regimes (the initialisations theta_0)
          -> inner (T steps of GD on the distilled data; unroll: other optimisers, windows)

@@ -1,4 +1,5 @@
-"""The errors dd_jax raises for bad input: each message names the problem and the fix."""
+"""The errors dd_jax raises for bad input (each message names the problem and the fix), and the
+near-match hint they share."""
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,7 @@ class DivergedError(DDJaxError, FloatingPointError):
 def did_you_mean(name: str, choices: Iterable[str], prefix: str = "") -> str:
     """' (did you mean A, B?)': up to three of `choices` close to `name`, each written with
     `prefix` (e.g. '--'); '' when none is close."""
-    near = difflib.get_close_matches(name, sorted(choices), n=3)
+    near = difflib.get_close_matches(name, list(choices), n=3)
     return f" (did you mean {', '.join(prefix + n for n in near)}?)" if near else ""
 
 

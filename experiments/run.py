@@ -88,8 +88,8 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str | None], set[str]]:
 
 
 def named_config(name: str):
-    """A fresh copy of the named experiment's ConfigDict; ConfigError listing the names if
-    there is none."""
+    """A fresh copy of the named experiment's ConfigDict; ConfigError with the near matches
+    and the names if there is none."""
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}{did_you_mean(name, EXPERIMENTS)}; "
                           f"valid names: {', '.join(EXPERIMENTS)}")

@@ -337,7 +337,8 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, monkeypatch, 
             pytest.skip("signal handlers need the main thread")
         if how == "sigint":  # as in a terminal: Python's own Ctrl-C handler, whatever ran before
             previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-            request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+            if previous is not None:  # None: a handler not installed from Python
+                request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
         handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         with monkeypatch.context() as m:
             signalled = how in ("sigint", "sigterm")
@@ -707,7 +708,7 @@ def test_distilled_of_the_wrong_model(reference, tmp_path, how, fragment):
 
 BAD_INPUT = [
     (["nope"], ["unknown experiment 'nope'", *EXPERIMENTS]),
-    (["mnist_fixd_init"], ["unknown experiment 'mnist_fixd_init' (did you mean mnist_fixed_init,"]),
+    (["mnist_fixd_init"], ["unknown experiment 'mnist_fixd_init' (did you mean mnist_fixed_init"]),
     ([], ["no experiment named", *EXPERIMENTS]),
     (["mnist_fixed_init", "--stepz=2"], ["--stepz", "did you mean --steps"]),
     (["mnist_fixed_init", "--steps=abc"], ["--steps='abc'", "an integer"]),
