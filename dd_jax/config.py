@@ -64,6 +64,7 @@ SECTIONS: Sections = {
         Field("decay_factor", 0.5, "lr_schedule 'step': the decay's factor"),
         Field("grad_clip_ema", 0.0, "> 0: clip the images' meta-gradient norm to 2x a moving average of its norms with this decay (Feng et al.: 0.9); 0 = no clipping"),
         Field("nonneg_labels", False, "with learn_labels: keep the learned labels >= 0 (projected after each outer step, Feng et al.)"),
+        Field("simplex_labels", False, "with learn_labels: keep each learned label vector on the probability simplex (>= 0, summing to 1; projected after each outer step), so that its mass cannot grow into a larger inner step"),
         Field("lr_schedule", "step", "'step' (the authors': decay_passes, decay_factor) or 'cosine'"),
         Field("warmup_iterations", 0, "cosine: linear warm-up from 0 to outer_lr over this many iterations"),
         Field("seed", 0, "everything random derives from it: same seed, same result"),

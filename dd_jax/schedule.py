@@ -1,6 +1,6 @@
 """The outer optimiser: Adam on the distilled data with the run's learning-rate schedule
-(optionally with Feng et al.'s clipping of the images' gradient and non-negative learned
-labels), and the run's length in outer iterations."""
+(optionally with Feng et al.'s clipping of the images' gradient, and learned labels kept
+non-negative or on the probability simplex), and the run's length in outer iterations."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -28,13 +28,14 @@ def check_lr_schedule(config) -> None:
 
 
 def check_clipping(config) -> None:
-    """Raises ConfigError for a grad_clip_ema outside [0, 1), or nonneg_labels without learned
-    labels."""
+    """Raises ConfigError for a grad_clip_ema outside [0, 1), or nonneg_labels or
+    simplex_labels without learned labels."""
     if not 0 <= config.grad_clip_ema < 1:
         raise ConfigError(f"grad_clip_ema must be in [0, 1) (0: no clipping), got {config.grad_clip_ema}")
-    if config.nonneg_labels and not config.learn_labels:
-        raise ConfigError("nonneg_labels keeps learned labels >= 0, but labels are not learned; "
-                          "add --learn_labels=true or drop --nonneg_labels")
+    for field, what in (("nonneg_labels", ">= 0"), ("simplex_labels", "on the simplex")):
+        if config[field] and not config.learn_labels:
+            raise ConfigError(f"{field} keeps learned labels {what}, but labels are not learned; "
+                              f"add --learn_labels=true or drop --{field}")
 
 
 class EmaNormState(NamedTuple):
@@ -75,6 +76,31 @@ def non_negative() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def project_to_simplex(v: jax.Array) -> jax.Array:
+    """The Euclidean projection of each vector along the last axis onto the probability
+    simplex {w : w >= 0, sum(w) = 1}: ``max(v - theta, 0)`` with the one theta that makes it
+    sum to 1 (Duchi, Shalev-Shwartz, Singer and Chandra, ICML 2008, Fig. 1).
+
+    v: (..., K) -> (..., K)."""
+    k = v.shape[-1]
+    desc = -jnp.sort(-v, axis=-1)
+    excess = jnp.cumsum(desc, axis=-1) - 1
+    # the entries kept above 0 are a prefix of the sorted ones: count them
+    kept = jnp.sum(desc * jnp.arange(1, k + 1) > excess, axis=-1, keepdims=True)
+    theta = jnp.take_along_axis(excess, kept - 1, axis=-1) / kept
+    return jnp.maximum(v - theta, 0.0)
+
+
+def onto_simplex() -> optax.GradientTransformation:
+    """Changes the updates so that params + updates is `project_to_simplex`(params +
+    updates): the projection of each label vector onto the simplex after a step."""
+
+    def update(updates, state, params):
+        return jax.tree.map(lambda u, p: project_to_simplex(p + u) - p, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _only(field: str):
     """A mask for `optax.masked` over a `dd_jax.meta.Learned`: True for `field` alone."""
     return lambda learned: learned.replace(
@@ -89,8 +115,10 @@ def make_optimizer(config, iters_per_pass: int) -> optax.GradientTransformation:
 
     For a distillation (params a `dd_jax.meta.Learned`), grad_clip_ema > 0 first clips the
     images' gradient (`clip_by_ema_norm` with that decay), and nonneg_labels projects the
-    learned labels onto >= 0 after each step (`non_negative`), as Feng et al.; configs
-    without these fields (the linear analysis) have neither."""
+    learned labels onto >= 0 after each step (`non_negative`), as Feng et al.;
+    simplex_labels projects each label vector onto the probability simplex instead
+    (`onto_simplex`: >= 0 too, and a mass of 1). Configs without these fields (the linear
+    analysis) have none of them."""
     if config.lr_schedule == "step":
         schedule = optax.exponential_decay(
             config.outer_lr, transition_steps=max(1, config.decay_passes * iters_per_pass),
@@ -104,11 +132,13 @@ def make_optimizer(config, iters_per_pass: int) -> optax.GradientTransformation:
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, config.outer_lr, warmup_steps=config.warmup_iterations, decay_steps=total)
     adam = optax.adam(schedule, b1=config.beta1, b2=config.beta2)
-    clip, nonneg = config.get("grad_clip_ema", 0.0), config.get("nonneg_labels", False)
-    if not clip and not nonneg:
+    clip = config.get("grad_clip_ema", 0.0)
+    projection = (onto_simplex() if config.get("simplex_labels", False) else
+                  non_negative() if config.get("nonneg_labels", False) else None)
+    if not clip and projection is None:
         return adam
     return optax.chain(
         optax.masked(clip_by_ema_norm(clip), _only("images")) if clip else optax.identity(),
         adam,
-        optax.masked(non_negative(), _only("labels")) if nonneg else optax.identity(),
+        optax.masked(projection, _only("labels")) if projection is not None else optax.identity(),
     )

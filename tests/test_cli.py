@@ -729,6 +729,7 @@ BAD_INPUT = [
     (["mnist_fixed_init", "--lr_schedule=linear"], ["unknown lr_schedule 'linear'", "step, cosine"]),
     (["mnist_fixed_init", "--warmup_iterations=-5"], ["warmup_iterations must be >= 0, got -5"]),
     (["mnist_fixed_init", "--nonneg_labels=true"], ["labels are not learned", "--learn_labels=true"]),
+    (["mnist_fixed_init", "--simplex_labels"], ["labels are not learned", "--simplex_labels"]),
     (["mnist_truncated", "--grad_clip_ema=1.5"], ["grad_clip_ema must be in [0, 1)"]),
     (["mnist_fixed_init", "--n_nets=2"], ["n_nets must be 1", "--init_regime=random"]),
     (["mnist_fixed_init", "--init_regime=sometimes"], ["unknown init_regime 'sometimes'"]),

@@ -16,7 +16,7 @@ from dd_jax.evaluation import Evaluator
 from dd_jax.meta import Learned
 from dd_jax.models import LeNet, as_model
 from dd_jax.outer_step import build_outer_loop
-from dd_jax.schedule import clip_by_ema_norm, make_optimizer
+from dd_jax.schedule import clip_by_ema_norm, make_optimizer, project_to_simplex
 from dd_jax.selection import BestOnValidation
 
 ITERATIONS = 300
@@ -166,9 +166,55 @@ def test_feng_clipping_touches_only_images_and_keeps_labels_non_negative():
         learned = learned_next
 
 
+def _simplex_by_bisection(v: np.ndarray) -> np.ndarray:
+    """max(v - theta, 0) with theta found by bisection so that it sums to 1 (float64)."""
+    lo, hi = v.min() - 1.0, v.max()
+    for _ in range(200):
+        theta = (lo + hi) / 2
+        lo, hi = (theta, hi) if np.maximum(v - theta, 0).sum() > 1 else (lo, theta)
+    return np.maximum(v - (lo + hi) / 2, 0)
+
+
+def test_project_to_simplex_matches_bisection_and_keeps_simplex_points():
+    """Random vectors of every scale land where bisection on theta puts them; points already
+    on the simplex (a one-hot, a uniform, a mixed one) stay where they are."""
+    v = np.concatenate([np.random.default_rng(0).normal(size=(20, 10)) * s for s in (0.1, 1, 5)])
+    got = np.asarray(project_to_simplex(jnp.asarray(v, jnp.float32)))
+    np.testing.assert_allclose(got, [_simplex_by_bisection(row) for row in v.astype(np.float64)],
+                               atol=1e-5)
+    assert (got >= 0).all() and np.allclose(got.sum(-1), 1, atol=1e-5)
+    on = jnp.array([[0, 0, 1, 0.0], [0.25] * 4, [0.5, 0.3, 0, 0.2]])
+    np.testing.assert_allclose(project_to_simplex(on), on, atol=1e-6)
+
+
+def test_simplex_labels_keep_each_label_vector_on_the_simplex():
+    """simplex_labels: after each outer step every label vector is >= 0 and sums to 1, and
+    images and step sizes move as under plain Adam."""
+    config = small_config(simplex_labels=True, learn_labels=True, outer_lr=0.5)
+    optimizer, adam = make_optimizer(config, 3), make_optimizer(small_config(outer_lr=0.5), 3)
+    learned = Learned(images=jnp.ones((1, 2, 3)), raw_step_sizes=jnp.zeros(3),
+                      labels=jnp.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]))
+    grads = Learned(images=jnp.full((1, 2, 3), 0.5), raw_step_sizes=jnp.ones(3),
+                    labels=jnp.array([[[1.0, -1.0, -1.0], [1.0, -3.0, -2.0]]]))
+    state, adam_state = optimizer.init(learned), adam.init(learned)
+    for _ in range(3):
+        updates, state = optimizer.update(grads, state, learned)
+        expected, adam_state = adam.update(grads, adam_state, learned)
+        np.testing.assert_allclose(updates.images, expected.images, rtol=1e-6)
+        np.testing.assert_allclose(updates.raw_step_sizes, expected.raw_step_sizes, rtol=1e-6)
+        learned = optax.apply_updates(learned, updates)
+        np.testing.assert_allclose(learned.labels,
+                                   project_to_simplex(learned.labels - updates.labels
+                                                      + expected.labels), atol=1e-6)
+        assert (learned.labels >= 0).all()
+        np.testing.assert_allclose(learned.labels.sum(-1), 1.0, atol=1e-6)
+    assert float(learned.labels[0, 0, 0]) < 1.0  # the labels did move
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(grad_clip_ema=1.0), "grad_clip_ema must be in [0, 1)"),
     (dict(nonneg_labels=True), "add --learn_labels=true or drop --nonneg_labels"),
+    (dict(simplex_labels=True), "add --learn_labels=true or drop --simplex_labels"),
 ])
 def test_clipping_flags_are_checked(overrides, message):
     with pytest.raises(dd_jax.ConfigError, match=re.escape(message)):
