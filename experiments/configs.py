@@ -99,9 +99,12 @@ def mnist_soft_labels_5() -> ml_collections.ConfigDict:
 
 
 def mnist_random_init_soft() -> ml_collections.ConfigDict:
-    """mnist_random_init with learned labels: 100 images (S=10, E=3), random Xavier inits."""
+    """mnist_random_init with learned labels: 100 images (S=10, E=3), random Xavier inits,
+    each label vector kept on the probability simplex (unconstrained, their mass grew and the
+    meta-loss became nan near iteration 590)."""
     c = mnist_random_init()
     c.learn_labels = True
+    c.simplex_labels = True
     return c
 
 
@@ -124,6 +127,7 @@ def mnist_truncated() -> ml_collections.ConfigDict:
     c.inner_lr = 0.01
     c.beta1 = 0.9
     c.grad_clip_ema = 0.9
+    c.simplex_labels = False
     c.nonneg_labels = True
     return c
 

@@ -4,7 +4,9 @@ MLP and ConvNet-3.
     python -m experiments.cross_arch [--out=results/cross_arch] [--epochs=300] [--n_nets=5]
         [--convnet_nets=2] [--paper_nets=20]
 
-The sets: results/*/distilled.npz and results/mnist_baselines*/baseline_*.npz. Each cell is
+The sets: every distilled.npz and baseline_*.npz under results/ (results/archive and
+results/benchmarks aside), one name per distinct file: where the same file is committed twice
+(a named experiment's canonical run and its paper-table row) the shorter name. Each cell is
 one `experiments.evaluate.evaluate_file` call: the paper protocol with --paper_nets held-out
 initialisations for random regimes (it applies only to the model a set was distilled for, and
 needs the pool of a random_pretrained set: "n/a" otherwise), the standard protocol with
@@ -15,6 +17,7 @@ cells table.json already holds.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -36,12 +39,27 @@ MODELS = ("lenet", "mlp", "convnet")
 COLUMNS = [(p, m) for p in ("paper", "standard") for m in MODELS]
 
 
+SKIPPED = ("archive", "benchmarks")  # folders of results/ whose sets are not in the table
+
+
 def find_sets(root: Path = Path("results")) -> dict[str, Path]:
-    """name -> npz of every committed set: '<run>' for <run>/distilled.npz,
-    '<run>/<method>' for a baselines run's baseline_<method>.npz."""
-    sets = {p.parent.name: p for p in root.glob("*/distilled.npz")}
-    for p in root.glob("mnist_baselines*/baseline_*.npz"):
-        sets[f"{p.parent.name}/{p.stem[len('baseline_'):]}"] = p
+    """name -> npz of every distinct committed set under `root`: '<run>' for
+    <run>/distilled.npz, '<run>/<method>' for a baselines run's baseline_<method>.npz (<run>
+    relative to `root`, e.g. 'paper/mnist_random_init'); a file with the same bytes as one
+    already named (fewest path parts first) is left out."""
+    found = {}
+    for p in [*root.rglob("distilled.npz"), *root.rglob("baseline_*.npz")]:
+        run = p.parent.relative_to(root)
+        if run.parts and run.parts[0] not in SKIPPED:
+            name = run.as_posix() if p.name == "distilled.npz" else \
+                f"{run.as_posix()}/{p.stem[len('baseline_'):]}"
+            found[name] = p
+    sets, seen = {}, set()
+    for name in sorted(found, key=lambda n: (len(found[n].relative_to(root).parts), n)):
+        digest = hashlib.sha256(found[name].read_bytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            sets[name] = found[name]
     return dict(sorted(sets.items()))
 
 
@@ -90,7 +108,8 @@ def table(sets: dict[str, Path], records: dict[str, dict], flags: dict) -> str:
     rows = []
     for name, path in sets.items():
         d = load_distilled(path)
-        rows.append((name, int(np.prod(d.images.shape[:2])), d.init_regime,
+        rows.append((name, int(np.prod(d.images.shape[:2])),
+                     "hard" if d.soft_labels is None else "learned", d.init_regime,
                      *(cell_text(records.get(key((name, p, m)))) for p, m in COLUMNS)))
     done = [r for r in records.values() if "test_acc" in r]
     reasons = sorted({f"{k.split('|')[0]}: {r['reason']}" for k, r in records.items()
@@ -101,7 +120,7 @@ def table(sets: dict[str, Path], records: dict[str, dict], flags: dict) -> str:
         "Test accuracy (%) on the full test set (MNIST: 10,000 images; mnist_to_digits: the "
         "300 digits test images), mean ± std over the networks (their number in brackets).",
         "",
-        markdown_table(("set", "images", "init", *(f"{p} {m}" for p, m in COLUMNS)), rows),
+        markdown_table(("set", "images", "labels", "init", *(f"{p} {m}" for p, m in COLUMNS)), rows),
         "",
         "What ran (`python -m experiments.cross_arch " + " ".join(
             f"--{k}={v}" for k, v in flags.items()) + "`):",

@@ -253,6 +253,11 @@ def test_cross_arch_cells_and_table(tmp_path, mnist):
         (tmp_path / name).mkdir()
         save_distilled(tmp_path / name / "distilled.npz", real_set(mnist, per_class),
                        model="lenet")
+    (tmp_path / "paper" / "small").mkdir(parents=True)  # the same file again, deeper
+    (tmp_path / "paper" / "small" / "distilled.npz").write_bytes(
+        (tmp_path / "small" / "distilled.npz").read_bytes())
+    (tmp_path / "archive" / "old").mkdir(parents=True)
+    save_distilled(tmp_path / "archive" / "old" / "distilled.npz", real_set(mnist, 3))
     sets = cross_arch.find_sets(tmp_path)
     assert list(sets) == ["big", "small"]
     order = cross_arch.cells(sets)
@@ -264,4 +269,4 @@ def test_cross_arch_cells_and_table(tmp_path, mnist):
                                       "seconds": 3.0},
                "big|paper|mlp": {"status": "n/a", "reason": "distilled for lenet"}}
     text = cross_arch.table(sets, records, flags)
-    assert "| big | 20 | random | not run | n/a | not run | 90.00 ± 1.00 (5) |" in text
+    assert "| big | 20 | hard | random | not run | n/a | not run | 90.00 ± 1.00 (5) |" in text
