@@ -13,6 +13,7 @@ import jax
 import jaxlib
 import numpy as np
 
+from dd_jax.allocator import reexec_with_tcmalloc
 from dd_jax.errors import ConfigError, DDJaxError
 from dd_jax.runs import machine_info as run_machine_info
 from experiments.run import apply_overrides, named_config, parse_args, parse_value
@@ -22,6 +23,8 @@ def run_main(main: Callable[[list[str]], Any], usage: str, argv: list[str] | Non
     """A benchmark's command line: ``main(argv)``, or `usage` on --help / -h; bad input (a
     `DDJaxError`: an unknown experiment or flag, a value of the wrong type) is printed as one
     line on stderr with exit status 2 instead of a traceback. Returns the exit status."""
+    if argv is None:  # the command line: restart with tcmalloc where it is installed
+        reexec_with_tcmalloc()
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(usage)
@@ -98,4 +101,5 @@ def machine_line(machine: dict) -> str:
     """One line naming the machine and versions, to print under a table."""
     return (f"machine: {machine['platform']}, {machine['cpu_count']} CPUs "
             f"(load {machine['load_avg_1m']}), devices {', '.join(machine['devices'])}; "
-            f"python {machine['python']}, jax {machine['jax']}, jaxlib {machine['jaxlib']}")
+            f"python {machine['python']}, jax {machine['jax']}, jaxlib {machine['jaxlib']}, "
+            f"malloc {machine.get('malloc', 'system')}")

@@ -303,7 +303,8 @@ def main() -> None:
            "threads": torch.get_num_threads(), "first_loss": losses[0], "last_loss": losses[-1],
            "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
            "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "cpus": os.cpu_count()}}
+                       "cpus": os.cpu_count(),
+                       "malloc": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"}}
     if check is not None:
         row["meta_grad_max_rel_diff_vs_autograd"] = check
     print(json.dumps(row))

@@ -45,7 +45,9 @@ SOURCE = Path(__file__).parent / "_native" / "conv.cc"
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC"]
 TARGETS = {"dd_jax_conv_forward": "DdJaxConvForward",
            "dd_jax_conv_pool_forward": "DdJaxConvPoolForward",
-           "dd_jax_conv_weight_grad": "DdJaxConvWeightGrad"}
+           "dd_jax_conv_weight_grad": "DdJaxConvWeightGrad",
+           "dd_jax_unpool": "DdJaxUnpool",
+           "dd_jax_pool_gather": "DdJaxPoolGather"}
 
 
 def _cpu_flags() -> str:
@@ -175,7 +177,7 @@ def _layer_fwd(x, kernel, bias, pads, pool, relu):
 def _layer_bwd(pads, pool, relu, residuals, cotangents):
     x, kernel, bias, y, index = residuals
     g = jnp.where(y > 0, cotangents[0], 0) if relu else cotangents[0]
-    dy = unpool(g, index) if pool else g
+    dy = unpool(cotangents[0], y, index, relu) if pool else g
     kernel_hw = kernel.shape[:2]
     return (_like(conv(dy, _flip(kernel), _transposed(pads, kernel_hw)), x),
             _like(conv_weight_grad(x, dy, pads, kernel_hw), kernel),
@@ -249,13 +251,52 @@ def _weight_grad_bwd(pads, kernel_hw, residuals, g):
 conv_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
 
 
-def unpool(g: jax.Array, index: jax.Array) -> jax.Array:
-    """(B, H, W, C, NB) -> (B, 2H, 2W, C, NB): g[b, i, j] placed at position index (0 .. 3,
-    row-major) of its 2x2 window, zeros elsewhere. Linear in g: differentiable as it is."""
-    b, h, w, c, lanes = g.shape
-    where = jnp.arange(4, dtype=jnp.int8).reshape(2, 1, 2, 1, 1)  # (u, ., v, ., .)
-    spread = jnp.where(index[:, :, None, :, None] == where, g[:, :, None, :, None], 0)
-    return spread.reshape(b, 2 * h, 2 * w, c, lanes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def unpool(g: jax.Array, y: jax.Array, index: jax.Array, relu: bool) -> jax.Array:
+    """The gradient of 2x2 max pooling, followed with `relu` by rectification, at its pooled
+    output y: (B, H, W, C, NB) -> (B, 2H, 2W, C, NB), g[b, i, j] (0 where relu and y <= 0)
+    placed at position index (0 .. 3, row-major) of its 2x2 window, zeros elsewhere. Linear in
+    g; its transpose is `pool_gather` (y and index get no gradient)."""
+    dy, = _ffi("dd_jax_unpool", [(_unpooled(g.shape), g.dtype)], g, y, index, relu=relu)
+    return dy
+
+
+def _unpool_fwd(g, y, index, relu):
+    return unpool(g, y, index, relu), (g, y, index)
+
+
+def _unpool_bwd(relu, residuals, ct):
+    g, y, index = residuals
+    return _like(pool_gather(ct, y, index, relu), g), None, None
+
+
+unpool.defvjp(_unpool_fwd, _unpool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def pool_gather(dy: jax.Array, y: jax.Array, index: jax.Array, relu: bool) -> jax.Array:
+    """The transpose of `unpool`: (B, 2H, 2W, C, NB) -> (B, H, W, C, NB), dy at position index
+    of each 2x2 window (0 where relu and y <= 0)."""
+    g, = _ffi("dd_jax_pool_gather", [(y.shape, dy.dtype)], dy, y, index, relu=relu)
+    return g
+
+
+def _pool_gather_fwd(dy, y, index, relu):
+    return pool_gather(dy, y, index, relu), (dy, y, index)
+
+
+def _pool_gather_bwd(relu, residuals, ct):
+    dy, y, index = residuals
+    return _like(unpool(ct, y, index, relu), dy), None, None
+
+
+pool_gather.defvjp(_pool_gather_fwd, _pool_gather_bwd)
+
+
+def _unpooled(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(B, H, W, C, NB) -> (B, 2H, 2W, C, NB)."""
+    b, h, w, c, lanes = shape
+    return b, 2 * h, 2 * w, c, lanes
 
 
 def block_for(n: int) -> int:

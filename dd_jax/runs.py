@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 
 import dd_jax
+from dd_jax.allocator import allocator_in_use
 from dd_jax.checkpoint import has_checkpoint
 from dd_jax.data import load_dataset
 from dd_jax.dataset import Dataset
@@ -92,8 +93,8 @@ def _git_state(root: Path) -> tuple[str | None, bool | None]:
 
 def machine_info() -> dict:
     """Where and with what a run ran, for results.json: the platform, devices, jax and dd_jax
-    versions, and the git commit of dd_jax's checkout (null outside one)."""
+    versions, the git commit of dd_jax's checkout (null outside one) and the allocator."""
     commit, dirty = git_state()
     return {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
             "jax": jax.__version__, "dd_jax": dd_jax.__version__, "git_commit": commit,
-            "git_dirty": dirty}
+            "git_dirty": dirty, "malloc": allocator_in_use()}

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dd_jax.allocator import reexec_with_tcmalloc
 from dd_jax.data import load_dataset
 from dd_jax.distilled import load_distilled
 from dd_jax.errors import ConfigError, DataError, DDJaxError
@@ -165,6 +166,8 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line: restart with tcmalloc where it is installed
+        reexec_with_tcmalloc()
     argv = sys.argv[1:] if argv is None else argv
     try:
         path, flags, switches = parse_args(argv)

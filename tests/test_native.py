@@ -193,6 +193,53 @@ def test_one_call_for_nested_vmaps_equals_a_loop_to_second_order():
                 np.testing.assert_allclose(np.asarray(b[i, j]), np.asarray(a), rtol=2e-5, atol=2e-4)
 
 
+def reference_unpool(g, y, index, relu):
+    """What `native.unpool` computes, from jnp.where: g (0 where relu and y <= 0) at position
+    index of each 2x2 window."""
+    g = jnp.where(y > 0, g, 0) if relu else g
+    b, h, w, c, lanes = g.shape
+    at = jnp.arange(4, dtype=jnp.int8).reshape(2, 1, 2, 1, 1)  # (u, ., v, ., .)
+    spread = jnp.where(index[:, :, None, :, None] == at, g[:, :, None, :, None], 0)
+    return spread.reshape(b, 2 * h, 2 * w, c, lanes)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("block", native.BLOCKS, ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("relu", [False, True], ids=["pool", "pool+relu"])
+def test_unpool_and_pool_gather_are_the_pooling_gradient_and_its_transpose(relu, block, dtype):
+    """`native.unpool` equals the jnp reference exactly, `native.pool_gather` is its transpose
+    exactly, and vmapped over networks with the argmax shared each equals its loop."""
+    rng = np.random.default_rng(9)
+    with jax.enable_x64(dtype == jnp.float64):
+        g, y = (jnp.asarray(rng.normal(size=(2, 3, 4, 5, block)), dtype) for _ in range(2))
+        index = jnp.asarray(rng.integers(0, 4, size=g.shape), jnp.int8)
+        dy = jnp.asarray(rng.normal(size=(2, 6, 8, 5, block)), dtype)
+        assert native.unpool(g, y, index, relu).dtype == dtype
+        np.testing.assert_array_equal(native.unpool(g, y, index, relu),
+                                      reference_unpool(g, y, index, relu))
+        transpose, = jax.linear_transpose(lambda g: reference_unpool(g, y, index, relu), g)(dy)
+        np.testing.assert_array_equal(native.pool_gather(dy, y, index, relu), transpose)
+        gs = jnp.stack([g, -2 * g, 3 * g])
+        batched = jax.vmap(native.unpool, (0, None, None, None))(gs, y, index, relu)
+        for n in range(3):
+            np.testing.assert_array_equal(batched[n], native.unpool(gs[n], y, index, relu))
+
+
+def test_unpool_gradients_to_second_order():
+    """Differentiated twice through `unpool` and `pool_gather` (each the other's VJP): the
+    reference's derivatives."""
+    rng = np.random.default_rng(10)
+    g, y = (jnp.asarray(rng.normal(size=(1, 2, 3, 2, 16)), jnp.float32) for _ in range(2))
+    index = jnp.asarray(rng.integers(0, 4, size=g.shape), jnp.int8)
+    w = jnp.asarray(rng.normal(size=(1, 4, 6, 2, 16)), jnp.float32)
+
+    def second(unpool):
+        first = jax.grad(lambda g: jnp.sum(jnp.sin(unpool(g, y, index, True)) * w))
+        return jax.grad(lambda g: jnp.sum(first(g) ** 2))(g)
+
+    np.testing.assert_allclose(second(native.unpool), second(reference_unpool), rtol=1e-5, atol=1e-6)
+
+
 def test_an_empty_batch_has_a_zero_kernel_gradient():
     """No images (no blocks), or no vmapped networks: a zero or empty gradient, no crash."""
     x, dy = jnp.zeros((0, 8, 8, 2, 16)), jnp.zeros((0, 6, 6, 3, 16))

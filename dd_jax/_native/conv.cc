@@ -12,6 +12,8 @@
 //   DdJaxConvPoolForward: the same with 2x2 max pooling before the bias, and the argmax (int8)
 //   DdJaxConvWeightGrad:  dw[di, dj, ci, co] =
 //                           sum_{b, i, j, lanes} x[b, i+di-ph, j+dj-pw, ci, :] dy[b, i, j, co, :]
+//   DdJaxUnpool:          the gradient of 2x2 max pooling (+ relu) from the argmax and the output
+//   DdJaxPoolGather:      its transpose (native.py: each is the other's derivative)
 // act is relu or the identity. The input gradient is DdJaxConvForward of dy with the flipped,
 // transposed kernel and padding (kh-1-ph, kw-1-pw) (native.py): with the weight gradient, the
 // convolution is closed under differentiation. float32 and float64; the blocks are split over
@@ -397,6 +399,44 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
     }
 }
 
+// The gradient of 2x2 max pooling followed by `relu` (y = its output) and the transpose of that
+// gradient, for every item of the leading axes; pooled (B, h, w, C, NB), unpooled (B, 2h, 2w, C,
+// NB). With gather false: unpooled[b, 2i+u, 2j+v, c, :] = pooled[b, i, j, c, :] where
+// index[b, i, j, c, :] == 2u+v (and y > 0), else 0. With gather true: pooled[b, i, j, c, :] =
+// unpooled at the window position index[b, i, j, c, :] (where y > 0), else 0.
+template <typename T, int NB>
+void pool_grad(ffi::ThreadPool& pool, int64_t items, int64_t B, int64_t h, int64_t w, int64_t C,
+               T* pooled, const Operand& po, T* unpooled, const Operand& uo, const T* y,
+               const Operand& yo, const int8_t* index, const Operand& io, bool relu,
+               bool gather) {
+  const int64_t row = w * C * NB;  // one pooled row; an unpooled row is twice as long
+  parallel_for(pool, items * B * h, [=, &po, &uo, &yo, &io](int64_t task) {
+    const int64_t n = task / (B * h), bi = task % (B * h);
+    T* p = pooled + po.offsets[n] + bi * row;
+    T* u = unpooled + uo.offsets[n] + bi * 4 * row;  // pooled row (b, i): unpooled rows 2i, 2i+1
+    const T* yp = y + yo.offsets[n] + bi * row;
+    const int8_t* ip = index + io.offsets[n] + bi * row;
+    for (int64_t j = 0; j < w; ++j)
+      for (int64_t e = j * C * NB; e < (j + 1) * C * NB; e += kLanes<T>) {
+        typename Reg<T>::bytes kb;
+        std::memcpy(&kb, ip + e, sizeof kb);
+        const Mask<T> k = __builtin_convertvector(kb, Mask<T>);
+        const Mask<T> keep = relu ? Mask<T>(load(yp + e) > 0) : Mask<T>{} - 1;
+        const int64_t c = e - j * C * NB;  // within pixel j: (channel, lane)
+        T* at[4] = {u + 2 * j * C * NB + c, u + (2 * j + 1) * C * NB + c,
+                    u + 2 * row + 2 * j * C * NB + c, u + 2 * row + (2 * j + 1) * C * NB + c};
+        if (gather) {
+          Vec<T> v = Vec<T>{};
+          for (int q = 0; q < 4; ++q) v = k == q ? load(at[q]) : v;
+          store(p + e, keep ? v : Vec<T>{});
+        } else {
+          const Vec<T> g = keep ? load(p + e) : Vec<T>{};
+          for (int q = 0; q < 4; ++q) store(at[q], k == q ? g : Vec<T>{});
+        }
+      }
+  });
+}
+
 ffi::Unexpected<ffi::Error> invalid(const char* message) {
   return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(message));
 }
@@ -503,6 +543,44 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   });
 }
 
+// Checks the operands of a pooling gradient and runs it: `gather` reads `unpooled` into `pooled`,
+// else the reverse.
+ffi::Error pool_grad_call(ffi::ThreadPool& pool, ffi::AnyBuffer pooled, ffi::AnyBuffer unpooled,
+                          ffi::AnyBuffer y, ffi::AnyBuffer index, bool relu, bool gather) {
+  auto pd = pooled.dimensions(), ud = unpooled.dimensions();
+  if (pd.size() < 5 || ud.size() != pd.size() || (pd.back() != 16 && pd.back() != 32))
+    return ffi::Error::InvalidArgument("dd_jax pool: (..., B, h, w, C, 16 or 32) operands");
+  const Lead lead(gather ? pd : ud, 5);
+  Operand po, uo, yo, io;
+  if (!lead.operand(pd, 5, po) || !lead.operand(ud, 5, uo) || !lead.operand(y.dimensions(), 5, yo) ||
+      !lead.operand(index.dimensions(), 5, io) || index.element_type() != ffi::S8)
+    return ffi::Error::InvalidArgument("dd_jax pool: the leading axes or the index do not match");
+  auto p = trailing(pd, 5), u = trailing(ud, 5), yd = trailing(y.dimensions(), 5),
+       id = trailing(index.dimensions(), 5);
+  for (int a = 0; a < 5; ++a)
+    if (u[a] != (a == 1 || a == 2 ? 2 : 1) * p[a] || yd[a] != p[a] || id[a] != p[a])
+      return ffi::Error::InvalidArgument("dd_jax pool: unpooled must be (B, 2h, 2w, C, NB)");
+  auto types = {pooled.element_type(), unpooled.element_type(), y.element_type()};
+  return with_types(types, p[4], [&](auto t, auto block) {
+    using T = decltype(t);
+    pool_grad<T, block>(pool, lead.count, p[0], p[1], p[2], p[3],
+                        pooled.typed_data<T>(), po,
+                        unpooled.typed_data<T>(), uo, y.typed_data<T>(), yo,
+                        index.typed_data<int8_t>(), io, relu, gather);
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error UnpoolImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer y,
+                      ffi::AnyBuffer index, ffi::Result<ffi::AnyBuffer> dy, bool relu) {
+  return pool_grad_call(pool, g, *dy, y, index, relu, false);
+}
+
+ffi::Error PoolGatherImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer y,
+                          ffi::AnyBuffer index, ffi::Result<ffi::AnyBuffer> g, bool relu) {
+  return pool_grad_call(pool, *g, dy, y, index, relu, true);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxConvForward, ConvForwardImpl,
@@ -536,3 +614,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxConvWeightGrad, ConvWeightGradImpl,
                                   .Ret<ffi::AnyBuffer>()  // dw
                                   .Attr<int64_t>("padding_h")
                                   .Attr<int64_t>("padding_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxUnpool, UnpoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // g (pooled)
+                                  .Arg<ffi::AnyBuffer>()  // y: the pooled, rectified output
+                                  .Arg<ffi::AnyBuffer>()  // argmax index
+                                  .Ret<ffi::AnyBuffer>()  // dy (unpooled)
+                                  .Attr<bool>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxPoolGather, PoolGatherImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // dy (unpooled)
+                                  .Arg<ffi::AnyBuffer>()  // y: the pooled, rectified output
+                                  .Arg<ffi::AnyBuffer>()  // argmax index
+                                  .Ret<ffi::AnyBuffer>()  // g (pooled)
+                                  .Attr<bool>("relu"));
