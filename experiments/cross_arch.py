@@ -80,11 +80,12 @@ def key(cell: tuple[str, str, str]) -> str:
 
 
 def run_cell(path: Path, protocol: str, model: str, flags: dict) -> dict:
-    """One cell's record: evaluate_file's, or {'status': 'n/a', 'reason'} where the protocol
-    does not apply (paper protocol: another architecture, or a pool that is not here)."""
+    """One cell's record: evaluate_file's, or {'status': 'n/a', 'why', 'reason'} where the
+    protocol does not apply (paper protocol: why 'architecture', another one than the set's, or
+    'no pool', a pool that is not here)."""
     made_for = stored_field(path, "model")
     if protocol == "paper" and made_for and model != made_for:
-        return {"status": "n/a", "reason": f"distilled for {made_for}"}
+        return {"status": "n/a", "why": "architecture", "reason": f"distilled for {made_for}"}
     nets = {"paper": flags["paper_nets"], "convnet": flags["convnet_nets"]}
     n_nets = nets.get(protocol if protocol == "paper" else model, flags["n_nets"])
     try:
@@ -92,7 +93,7 @@ def run_cell(path: Path, protocol: str, model: str, flags: dict) -> dict:
                              recipe=Recipe(epochs=flags["epochs"]))
     except DataError as e:
         if protocol == "paper" and load_distilled(path).init_regime == "random_pretrained":
-            return {"status": "n/a", "reason": f"its pool is not committed ({e})"}
+            return {"status": "n/a", "why": "no pool", "reason": f"its pool is not committed ({e})"}
         raise
 
 
@@ -114,7 +115,7 @@ def table(sets: dict[str, Path], records: dict[str, dict], flags: dict) -> str:
                      *(cell_text(records.get(key((name, p, m)))) for p, m in COLUMNS)))
     done = [r for r in records.values() if "test_acc" in r]
     poolless = sorted({k.split("|")[0] for k, r in records.items()
-                       if r.get("status") == "n/a" and "pool" in r["reason"]})
+                       if r.get("status") == "n/a" and r["why"] == "no pool"})
     lines = [
         "# Cross-architecture evaluation of the committed distilled sets",
         "",

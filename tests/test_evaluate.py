@@ -267,8 +267,10 @@ def test_cross_arch_cells_and_table(tmp_path, mnist):
     assert cross_arch.run_cell(sets["big"], "paper", "mlp", flags)["status"] == "n/a"
     records = {"big|standard|lenet": {"test_acc": 0.9, "test_acc_std": 0.01, "eval_nets": 5,
                                       "seconds": 3.0},
-               "big|paper|mlp": {"status": "n/a", "reason": "distilled for lenet"},
-               "small|paper|lenet": {"status": "n/a", "reason": "its pool is not committed "
+               "big|paper|mlp": {"status": "n/a", "why": "architecture",
+                                 "reason": "distilled for lenet (no pool needed)"},
+               "small|paper|lenet": {"status": "n/a", "why": "no pool",
+                                     "reason": "its pool is not committed "
                                      "(no network pool at /elsewhere/pool.npz)"}}
     text = cross_arch.table(sets, records, flags)
     assert "Paper protocol n/a for lack of a pool: small start" in text
