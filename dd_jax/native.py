@@ -251,46 +251,40 @@ def _weight_grad_bwd(pads, kernel_hw, residuals, g):
 conv_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def unpool(g: jax.Array, y: jax.Array, index: jax.Array, relu: bool) -> jax.Array:
     """The gradient of 2x2 max pooling, followed with `relu` by rectification, at its pooled
     output y: (B, H, W, C, NB) -> (B, 2H, 2W, C, NB), g[b, i, j] (0 where relu and y <= 0)
     placed at position index (0 .. 3, row-major) of its 2x2 window, zeros elsewhere. Linear in
     g; its transpose is `pool_gather` (y and index get no gradient)."""
-    dy, = _ffi("dd_jax_unpool", [(_unpooled(g.shape), g.dtype)], g, y, index, relu=relu)
-    return dy
+    return _pool_grad(g, y, index, relu, False)
 
 
-def _unpool_fwd(g, y, index, relu):
-    return unpool(g, y, index, relu), (g, y, index)
-
-
-def _unpool_bwd(relu, residuals, ct):
-    g, y, index = residuals
-    return _like(pool_gather(ct, y, index, relu), g), None, None
-
-
-unpool.defvjp(_unpool_fwd, _unpool_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def pool_gather(dy: jax.Array, y: jax.Array, index: jax.Array, relu: bool) -> jax.Array:
     """The transpose of `unpool`: (B, 2H, 2W, C, NB) -> (B, H, W, C, NB), dy at position index
     of each 2x2 window (0 where relu and y <= 0)."""
-    g, = _ffi("dd_jax_pool_gather", [(y.shape, dy.dtype)], dy, y, index, relu=relu)
-    return g
+    return _pool_grad(dy, y, index, relu, True)
 
 
-def _pool_gather_fwd(dy, y, index, relu):
-    return pool_gather(dy, y, index, relu), (dy, y, index)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _pool_grad(a, y, index, relu, gather):
+    """`pool_gather` of a with `gather`, else `unpool` of a: each one's VJP is the other."""
+    if gather:
+        out, = _ffi("dd_jax_pool_gather", [(y.shape, a.dtype)], a, y, index, relu=relu)
+    else:
+        out, = _ffi("dd_jax_unpool", [(_unpooled(a.shape), a.dtype)], a, y, index, relu=relu)
+    return out
 
 
-def _pool_gather_bwd(relu, residuals, ct):
-    dy, y, index = residuals
-    return _like(unpool(ct, y, index, relu), dy), None, None
+def _pool_grad_fwd(a, y, index, relu, gather):
+    return _pool_grad(a, y, index, relu, gather), (a, y, index)
 
 
-pool_gather.defvjp(_pool_gather_fwd, _pool_gather_bwd)
+def _pool_grad_bwd(relu, gather, residuals, ct):
+    a, y, index = residuals
+    return _like(_pool_grad(ct, y, index, relu, not gather), a), None, None
+
+
+_pool_grad.defvjp(_pool_grad_fwd, _pool_grad_bwd)
 
 
 def _unpooled(shape: tuple[int, ...]) -> tuple[int, ...]:
