@@ -70,28 +70,34 @@ def paper_block(results: Path) -> str:
 
 
 def speed_block(results: Path) -> str:
-    """Seconds per outer iteration, dd-jax beside the authors' algorithm measured in the same
-    window (`results/benchmarks/speed.jsonl`: `benchmarks.outer_step` and
+    """Seconds per outer iteration, dd-jax (its lines labelled 'after', and 'before': the commit
+    before the last speed change) beside the authors' algorithm measured in the same window
+    (`results/benchmarks/speed.jsonl`: `benchmarks.outer_step` and
     `benchmarks/torch_reference.py` JSON lines, the latter with glibc's malloc and with
     tcmalloc preloaded), and the floor: the counted FLOPs at the measured matmul peak."""
     lines = [json.loads(line) for line in (results / "benchmarks" / "speed.jsonl").read_text().splitlines()
              if line.strip()]
     authors = {(r["experiment"], r["machine"].get("malloc", "system")): r["median_s"]
                for r in lines if "implementation" in r}
+    before = {r["experiment"]: r for r in lines if r.get("label") == "before"}
+    seconds = lambda s: "" if s is None else f"{s:.3f}"
 
     def row(r: dict) -> list:
         theirs = [authors.get((r["experiment"], malloc)) for malloc in ("system", "tcmalloc")]
         fastest = min((t for t in theirs if t is not None), default=None)
-        return [f"`{r['experiment']}`", r["T"], r["n_nets"],
-                *("" if t is None else f"{t:.3f}" for t in theirs), f"{r['median_s']:.3f}",
+        old = before.get(r["experiment"], {}).get("median_s")
+        return [f"`{r['experiment']}`", r["T"], r["n_nets"], *map(seconds, theirs),
+                seconds(old), f"{r['median_s']:.3f}",
                 "" if fastest is None else f"{fastest / r['median_s']:.1f}x",
                 f"{r['gflop_per_iteration'] / r['matmul_peak_gflops']:.3f}",
                 f"{100 * r['share_of_peak']:.0f}%"]
 
-    rows = [row(r) for r in lines if "implementation" not in r]
+    rows = [row(r) for r in lines if r.get("label", "after") == "after" and "implementation" not in r]
+    commit = next((r["machine"]["git_commit"][:7] for r in before.values()), None)
     return markdown_table(["config", "T", "nets", "authors' algorithm (PyTorch), s",
-                           "the same with tcmalloc, s", "dd-jax, s",
-                           "dd-jax ahead of the faster by", "floor, s",
+                           "the same with tcmalloc, s",
+                           f"dd-jax before ({commit}), s" if commit else "dd-jax before, s",
+                           "dd-jax, s", "dd-jax ahead of the faster by", "floor, s",
                            "dd-jax, share of the matmul peak"], rows) + "\n"
 
 
