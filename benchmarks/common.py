@@ -13,7 +13,7 @@ import jax
 import jaxlib
 import numpy as np
 
-from dd_jax.allocator import reexec_with_tcmalloc
+from dd_jax.allocator import command_line_args
 from dd_jax.errors import ConfigError, DDJaxError
 from dd_jax.runs import machine_info as run_machine_info
 from experiments.run import apply_overrides, named_config, parse_args, parse_value
@@ -23,9 +23,7 @@ def run_main(main: Callable[[list[str]], Any], usage: str, argv: list[str] | Non
     """A benchmark's command line: ``main(argv)``, or `usage` on --help / -h; bad input (a
     `DDJaxError`: an unknown experiment or flag, a value of the wrong type) is printed as one
     line on stderr with exit status 2 instead of a traceback. Returns the exit status."""
-    if argv is None:  # the command line: restart with tcmalloc where it is installed
-        reexec_with_tcmalloc()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = command_line_args(argv)
     if "--help" in argv or "-h" in argv:
         print(usage)
         return 0

@@ -5,8 +5,8 @@ ones with ``mmap`` and unmaps them on free, so every outer iteration faults its 
 buffers (the inner loop's per-step parameters, the real batch's activations) back in, page by
 page. tcmalloc keeps freed memory for the next call. A process cannot change its allocator
 once started: `reexec_with_tcmalloc` restarts the command line it runs with tcmalloc in
-``LD_PRELOAD``. The command-line entry points call it; ``DD_JAX_MALLOC=system`` keeps glibc's
-malloc. Measured effect: ``results/benchmarks/allocator.md``.
+``LD_PRELOAD``. The command-line entry points call it through `command_line_args`;
+``DD_JAX_MALLOC=system`` keeps glibc's malloc. Measured effect: ``results/benchmarks/allocator.md``.
 """
 from __future__ import annotations
 
@@ -55,3 +55,12 @@ def reexec_with_tcmalloc() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, env)
+
+
+def command_line_args(argv: list[str] | None) -> list[str]:
+    """An entry point's arguments: `argv` as given (a call from Python, left as it is), or for
+    None the command line's, after restarting it with tcmalloc where it is installed."""
+    if argv is not None:
+        return argv
+    reexec_with_tcmalloc()
+    return sys.argv[1:]

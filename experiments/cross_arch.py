@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dd_jax.allocator import reexec_with_tcmalloc
+from dd_jax.allocator import command_line_args
 from dd_jax.distilled import load_distilled
 from dd_jax.errors import DataError, DDJaxError
 from dd_jax.outputs import markdown_table, write_json
@@ -156,9 +156,7 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the command line: restart with tcmalloc where it is installed
-        reexec_with_tcmalloc()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = command_line_args(argv)
     if {"-h", "--help"} & set(argv):
         print(__doc__)
         return 0

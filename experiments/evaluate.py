@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dd_jax.allocator import reexec_with_tcmalloc
+from dd_jax.allocator import command_line_args
 from dd_jax.data import load_dataset
 from dd_jax.distilled import load_distilled
 from dd_jax.errors import ConfigError, DataError, DDJaxError
@@ -166,9 +166,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the command line: restart with tcmalloc where it is installed
-        reexec_with_tcmalloc()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = command_line_args(argv)
     try:
         path, flags, switches = parse_args(argv)
         if "help" in switches:

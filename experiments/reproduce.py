@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from dd_jax.allocator import reexec_with_tcmalloc
+from dd_jax.allocator import command_line_args
 from dd_jax.errors import ConfigError, DDJaxError, did_you_mean
 from dd_jax.outputs import markdown_table, write_json
 from dd_jax.runs import CONFIG, RESULTS, git_state
@@ -327,9 +327,7 @@ def run_rows(rows: list[Row], out: Path, flags: dict[str, str], progress: bool) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the command line: restart with tcmalloc where it is installed
-        reexec_with_tcmalloc()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = command_line_args(argv)
     if "--help" in argv or "-h" in argv:
         print(__doc__)
         return 0

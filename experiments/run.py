@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from dd_jax.allocator import reexec_with_tcmalloc
+from dd_jax.allocator import command_line_args
 from dd_jax.config import SECTIONS, Sections, check_known, default_config
 from dd_jax.errors import ConfigError, DDJaxError, did_you_mean
 from dd_jax.linear import LINEAR_SECTIONS
@@ -152,9 +152,7 @@ def list_text() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the command line: restart with tcmalloc where it is installed
-        reexec_with_tcmalloc()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = command_line_args(argv)
     try:
         name, overrides, switches = parse_args(argv)
         if "help" in switches:

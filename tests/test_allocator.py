@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dd_jax.allocator import QUIET_LARGE_ALLOCATIONS, allocator_in_use, find_tcmalloc, tcmalloc_env
+from dd_jax.allocator import QUIET_LARGE_ALLOCATIONS, allocator_in_use, command_line_args, find_tcmalloc, tcmalloc_env
 
 LIB = "libtcmalloc_minimal.so.4"
 
@@ -28,6 +28,7 @@ def test_tcmalloc_env_leaves_the_process_alone():
     assert tcmalloc_env({"LD_PRELOAD": f"/usr/lib/{LIB}"}, LIB) is None  # already restarted
     assert tcmalloc_env({"DD_JAX_MALLOC": "system"}, LIB) is None  # the user's choice
     assert allocator_in_use({}) == "system"
+    assert command_line_args(["--flag=1"]) == ["--flag=1"]  # a call from Python: no restart
 
 
 @pytest.mark.skipif(find_tcmalloc() is None or not sys.platform.startswith("linux"),
@@ -37,7 +38,7 @@ def test_the_restarted_command_runs_with_tcmalloc(monkeypatch, choice, expected)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setenv("DD_JAX_MALLOC", choice)
     code = ("import sys; print('start', flush=True); from dd_jax.allocator import *; "
-            "reexec_with_tcmalloc(); print(allocator_in_use(), sys.argv[1:])")
+            "args = command_line_args(None); print(allocator_in_use(), args)")
     out = subprocess.run([sys.executable, "-c", code, "--flag=1"], capture_output=True,
                          text=True, check=True).stdout.split("\n")
     # Restarted: the command ran twice, the second time with the same arguments.
