@@ -102,6 +102,7 @@ def evaluate_file(path: str | Path, *, protocol: str = "standard", model: str = 
     }
     if protocol == "paper":
         record.update(steps=distilled.steps, epochs=distilled.epochs,
+                      inner_optimizer=distilled.inner_optimizer,
                       untrained_acc=acc["untrained"]["mean"],
                       untrained_acc_std=acc["untrained"]["std"])
     else:
@@ -145,7 +146,9 @@ def percent(record: dict) -> str:
 def how(record: dict) -> str:
     """What trained the networks, in words."""
     if record["protocol"] == "paper":
-        return (f"{record['steps']} x {record['epochs']} learned GD steps, "
+        steps = {"gd": "GD", "momentum": "momentum", "adam": "Adam"}[
+            record.get("inner_optimizer", "gd")]
+        return (f"{record['steps']} x {record['epochs']} {steps} steps at the set's step sizes, "
                 f"{record['init_regime']} init")
     r = record["recipe"]
     return (f"SGD lr {r['lr']} momentum {r['momentum']} wd {r['weight_decay']}, batch "

@@ -220,6 +220,17 @@ def test_cli_writes_json_and_markdown(npz, tmp_path):
     assert "| standard | mlp |" in (tmp_path / "evaluate_standard_mlp.md").read_text()
 
 
+@pytest.mark.parametrize("optimizer, words", [("gd", "GD steps"), ("momentum", "momentum steps")])
+def test_cli_paper_protocol_names_the_sets_inner_optimizer(mnist, tmp_path, optimizer, words):
+    path = tmp_path / "distilled.npz"
+    save_distilled(path, real_set(mnist, 1, inner_optimizer=optimizer), model="lenet")
+    rc, _, err = call([path, "--protocol=paper", "--n_nets=2", "--test_subset=100"])
+    assert rc == 0, err
+    record = json.loads((tmp_path / "evaluate_paper_lenet.json").read_text())
+    assert record["inner_optimizer"] == optimizer and record["eval_nets"] == 2
+    assert f"1 x 1 {words} at the set's step sizes" in (tmp_path / "evaluate_paper_lenet.md").read_text()
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["missing.npz"], "is not a file"),
     (["NOT_NPZ"], "cannot read distilled data"),
