@@ -150,8 +150,9 @@ STANDARD_MODELS = ("lenet", "convnet")  # the standard-protocol columns of the b
 
 def beyond_block(results: Path) -> str:
     """Learned labels and truncated unrolls: each experiment's canonical run, else its longest
-    archived one, beside what it is measured against; its paper-protocol accuracy
-    (results.json) and the standard-protocol ones evaluated beside it (evaluate_standard_*.json)."""
+    archived one, beside what it is measured against; its paper-protocol accuracy (results.json,
+    or evaluate_paper_<model>.json beside it where that evaluated more networks) and the
+    standard-protocol ones evaluated beside it (evaluate_standard_*.json)."""
     rows = []
     for name, against in BEYOND:
         run = longest_run(results, name)
@@ -160,6 +161,9 @@ def beyond_block(results: Path) -> str:
             continue
         d, config, r = run
         standard = [d / f"evaluate_standard_{m}.json" for m in STANDARD_MODELS]
+        paper = d / f"evaluate_paper_{config['model']}.json"
+        if paper.exists():
+            r = max(r, json.loads(paper.read_text()), key=lambda e: e["eval_nets"])
         rows.append([f"`{name}`", against, accuracy(r),
                      *(accuracy(json.loads(f.read_text())) if f.exists() else "not run"
                        for f in standard),

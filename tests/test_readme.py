@@ -26,7 +26,8 @@ def test_render_replaces_a_stale_block(tmp_path):
 def _run(folder, experiment, iterations=0, passes=400, acc=0.5, standard=None):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(
-        {"experiment": experiment, "iterations": iterations, "passes": passes, "real_batch_size": 1000}))
+        {"experiment": experiment, "iterations": iterations, "passes": passes, "real_batch_size": 1000,
+         "model": "lenet"}))
     (folder / "results.json").write_text(json.dumps(
         {"test_acc": acc, "test_acc_std": 0.01, "eval_nets": 20}))
     if standard is not None:
@@ -51,3 +52,8 @@ def test_beyond_block_takes_the_canonical_run_else_the_longest_archived(tmp_path
     [row] = [line for line in readme.beyond_block(tmp_path).splitlines()
              if line.startswith("| `mnist_truncated` ")]
     assert "85.00" in row and "full (400 passes)" in row and "not run" in row
+    (tmp_path / "mnist_truncated" / "evaluate_paper_lenet.json").write_text(json.dumps(
+        {"test_acc": 0.86, "test_acc_std": 0.02, "eval_nets": 200}))
+    [row] = [line for line in readme.beyond_block(tmp_path).splitlines()
+             if line.startswith("| `mnist_truncated` ")]
+    assert "86.00 ± 2.00 (200)" in row and "85.00" not in row
