@@ -80,9 +80,10 @@ def inner_train(
 ) -> Params:
     """Trains from `params` on the distilled data; returns theta_T.
 
-    images (S, n, H, W, C), labels (S, n) or (S, n, K), step_sizes (S*epochs,). With ``remat`` the steps
-    are recomputed in the backward pass (`checkpointed_scan`, step t indexing batch t mod S),
-    so reverse-mode memory grows with sqrt(T) parameter sets, not with T steps' activations.
+    images (S, n, H, W, C), labels (S, n) or (S, n, K), step_sizes (S*epochs,). Reverse mode
+    stores every step's activations; with ``remat`` the steps are recomputed in the backward
+    pass instead (`checkpointed_scan`, step t indexing batch t mod S), so that its memory grows
+    with sqrt(T) parameter sets, not with T steps' activations.
     """
 
     def step(p, batch):
@@ -97,9 +98,7 @@ def inner_train(
         )
     xs, ys = unroll_schedule(images, labels, epochs)
     # Up to UNROLL_UP_TO steps are unrolled (XLA fuses across them); longer unrolls loop one
-    # step per iteration, each step recomputed in the backward pass, so that the loop stores
-    # only the parameters per step, not every step's activations: on XLA:CPU that is the
-    # faster of the forms measured (results/benchmarks/inner_unroll.md).
-    if len(step_sizes) <= UNROLL_UP_TO:
-        return jax.lax.scan(step, params, (xs, ys, step_sizes), unroll=len(step_sizes))[0]
-    return jax.lax.scan(jax.checkpoint(step, prevent_cse=False), params, (xs, ys, step_sizes))[0]
+    # step per iteration. Either way the backward pass reads every step's stored activations
+    # (results/benchmarks/inner_remat.md: faster on XLA:CPU than recomputing each step).
+    unroll = len(step_sizes) if len(step_sizes) <= UNROLL_UP_TO else 1
+    return jax.lax.scan(step, params, (xs, ys, step_sizes), unroll=unroll)[0]

@@ -75,7 +75,7 @@ def test_inner_train_equals_python_loop(problem):
 
 
 def test_looped_unroll_equals_unrolled(problem, monkeypatch):
-    """Inner loops longer than UNROLL_UP_TO run as a loop of rematerialised steps: the same
+    """Inner loops longer than UNROLL_UP_TO run as a loop, one step per iteration: the same
     meta-loss and meta-gradient (images and step sizes, several nets) as the unrolled form."""
     from dd_jax import inner
 
