@@ -303,7 +303,8 @@ def test_time_steps_counts_and_budget():
     assert time_steps(step, 0, iterations=100, warmup=0, budget_s=0.0)["iterations"] == 1
 
 
-BENCHMARKS = ("memory", "n_nets", "op_profile", "outer_step", "sensitivity", "time_to_accuracy")
+BENCHMARKS = ("kernels", "memory", "n_nets", "op_profile", "outer_step", "sensitivity",
+              "time_to_accuracy")
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

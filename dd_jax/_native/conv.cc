@@ -186,36 +186,67 @@ inline void forward_pixels(const Shape& s, const T* xb, const T* w, const T* bia
   }
 }
 
-// One pooled pixel (i, j) of 2x2 max pooling: the max of output pixels (2i+u, 2j+v) and which
-// one, k = 2u + v, the first in that order on ties (as PyTorch's MaxPool2d); bias and relu
-// after the max (the same as before it).
+// Pooled pixel (i, j) of 2x2 max pooling from acc[k], the output pixels (2i+u, 2j+v) at
+// k = 2u + v: their max and which one, the first in that order on ties (as PyTorch's
+// MaxPool2d); bias and relu after the max (the same as before it).
 template <typename T, int NB, int CB>
-inline void forward_pool_pixel(const Shape& s, const T* xb, const T* w, const T* bias, bool relu,
-                               T* y, int8_t* index, int64_t i, int64_t j, int64_t co0) {
+inline void store_pooled(const Shape& s, Vec<T> (&acc)[4][CB][kRegsPerBlock<T, NB>],
+                         const T* bias, bool relu, T* y, int8_t* index, int64_t i, int64_t j,
+                         int64_t co0) {
   constexpr int R = kRegsPerBlock<T, NB>;
-  Vec<T> best[CB][R], acc[CB][R];
-  Mask<T> which[CB][R];
-  for (int k = 0; k < 4; ++k) {
-    accumulate_pixel<T, NB, CB>(s, xb, w, 2 * i + k / 2, 2 * j + k % 2, co0, acc);
-    for (int c = 0; c < CB; ++c)
-      for (int r = 0; r < R; ++r) {
-        if (k == 0) {
-          best[c][r] = acc[c][r];
-          which[c][r] = Mask<T>{};
-        } else {
-          const Mask<T> more = acc[c][r] > best[c][r];
-          best[c][r] = more ? acc[c][r] : best[c][r];
-          which[c][r] = more ? Mask<T>{} + k : which[c][r];
-        }
-      }
-  }
   const int64_t at = ((i * (s.Wo / 2) + j) * s.Co + co0) * NB;
   for (int c = 0; c < CB; ++c)
     for (int r = 0; r < R; ++r) {
-      store(y + at + c * NB + r * kLanes<T>, finish(best[c][r], bias[co0 + c], relu));
-      const auto k = __builtin_convertvector(which[c][r], typename Reg<T>::bytes);
+      Vec<T> best = acc[0][c][r];
+      Mask<T> which = Mask<T>{};
+      for (int k = 1; k < 4; ++k) {
+        const Mask<T> more = acc[k][c][r] > best;
+        best = more ? acc[k][c][r] : best;
+        which = more ? Mask<T>{} + k : which;
+      }
+      store(y + at + c * NB + r * kLanes<T>, finish(best, bias[co0 + c], relu));
+      const auto k = __builtin_convertvector(which, typename Reg<T>::bytes);
       std::memcpy(index + at + c * NB + r * kLanes<T>, &k, sizeof k);
     }
+}
+
+// One pooled pixel (i, j), its four output pixels one after the other (any position).
+template <typename T, int NB, int CB>
+inline void forward_pool_pixel(const Shape& s, const T* xb, const T* w, const T* bias, bool relu,
+                               T* y, int8_t* index, int64_t i, int64_t j, int64_t co0) {
+  Vec<T> acc[4][CB][kRegsPerBlock<T, NB>];
+  for (int k = 0; k < 4; ++k)
+    accumulate_pixel<T, NB, CB>(s, xb, w, 2 * i + k / 2, 2 * j + k % 2, co0, acc[k]);
+  store_pooled<T, NB, CB>(s, acc, bias, relu, y, index, i, j, co0);
+}
+
+// One pooled pixel (i, j) whose four output pixels' windows lie inside x: the four summed
+// together, each kernel weight loaded once for 4 x R multiply-adds (a single input channel
+// leaves forward_pool_pixel one weight load per multiply-add). The same sums in the same order.
+template <typename T, int NB, int CB>
+inline void forward_pool_pixel_inside(const Shape& s, const T* xb, const T* w, const T* bias,
+                                      bool relu, T* y, int8_t* index, int64_t i, int64_t j,
+                                      int64_t co0) {
+  constexpr int R = kRegsPerBlock<T, NB>;
+  Vec<T> acc[4][CB][R] = {};
+  const int64_t column = s.Ci * NB, row = s.W * column;
+  const T* x0 = xb + (2 * i - s.ph) * row + (2 * j - s.pw) * column;
+  for (int64_t di = 0; di < s.kh; ++di)
+    for (int64_t dj = 0; dj < s.kw; ++dj) {
+      const T* xp = x0 + di * row + dj * column;
+      const T* wp = w + (di * s.kw + dj) * s.Ci * s.Co + co0;
+      for (int64_t ci = 0; ci < s.Ci; ++ci)
+        for (int k = 0; k < 4; ++k) {
+          Vec<T> xv[R];
+          for (int r = 0; r < R; ++r)
+            xv[r] = load(xp + (k / 2) * row + (k % 2) * column + ci * NB + r * kLanes<T>);
+          for (int c = 0; c < CB; ++c) {
+            const T wv = wp[ci * s.Co + c];
+            for (int r = 0; r < R; ++r) acc[k][c][r] += wv * xv[r];
+          }
+        }
+    }
+  store_pooled<T, NB, CB>(s, acc, bias, relu, y, index, i, j, co0);
 }
 
 // Where each operand's data for item n of the leading axes starts: `offsets[n]` elements in.
@@ -262,8 +293,8 @@ void conv_forward(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T*
                   const Operand& bo, bool relu, T* y, int8_t* index, bool max_pool) {
   constexpr int R = kRegsPerBlock<T, NB>;
   const int64_t rows = max_pool ? s.Ho / 2 : s.Ho, cols = max_pool ? s.Wo / 2 : s.Wo;
-  // accumulators, maxima and argmaxes in registers
-  constexpr int64_t kMaxPoolCB = 8 / R, kMaxCB = 16 / R;
+  // accumulators in registers: four output pixels' with pooling
+  constexpr int64_t kMaxPoolCB = std::max(1, 6 / R), kMaxCB = 16 / R;
   const int64_t max_cb = max_pool ? kMaxPoolCB : kMaxCB;
   const int64_t out_item = s.B * rows * cols * s.Co * NB;
   parallel_for(pool, items * s.B * rows, [=, &xo, &wo, &bo](int64_t task) {
@@ -275,9 +306,15 @@ void conv_forward(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T*
     for (int64_t co0 = 0; co0 < s.Co; co0 += max_cb)
       with_static<kMaxCB>(std::min(max_cb, s.Co - co0), [&](auto cb) {
         if constexpr (cb <= kMaxPoolCB) {
-          if (max_pool) {
+          if (max_pool) {  // pooled pixel (i, j) reads input rows 2i-ph .. 2i+kh-ph
+            const bool rows_inside = 2 * i >= s.ph && 2 * i + s.kh - s.ph < s.H;
             for (int64_t j = 0; j < cols; ++j)
-              forward_pool_pixel<T, NB, cb>(s, xb, wn, bn, relu, y + out, index + out, i, j, co0);
+              if (rows_inside && 2 * j >= s.pw && 2 * j + s.kw - s.pw < s.W)
+                forward_pool_pixel_inside<T, NB, cb>(s, xb, wn, bn, relu, y + out, index + out,
+                                                     i, j, co0);
+              else
+                forward_pool_pixel<T, NB, cb>(s, xb, wn, bn, relu, y + out, index + out, i, j,
+                                              co0);
             return;
           }
         }
