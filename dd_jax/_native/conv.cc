@@ -152,32 +152,46 @@ inline void forward_pixel(const Shape& s, const T* xb, const T* w, const T* bias
       store(out + c * NB + r * kLanes<T>, finish(acc[c][r], bias[co0 + c], relu));
 }
 
+// acc[u * PJ + v] = the convolution at output pixel (i+u, j+v) of one block, u < PI, v < PJ,
+// output channels co0..: PI x PJ x CB x R accumulators in registers over kernel rows
+// [di0, di1) and every kernel column (the tile's windows must lie inside the columns of x).
+// Each kernel weight loaded feeds PI x PJ x R multiply-adds, where a single pixel of few
+// channels would load a weight for every R of them and wait on one chain of multiply-adds.
+template <typename T, int NB, int CB, int PI, int PJ>
+inline void accumulate_tile(const Shape& s, const T* xb, const T* w, int64_t i, int64_t j,
+                            int64_t di0, int64_t di1, int64_t co0,
+                            Vec<T> (&acc)[PI * PJ][CB][kRegsPerBlock<T, NB>]) {
+  constexpr int R = kRegsPerBlock<T, NB>, P = PI * PJ;
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < CB; ++c)
+      for (int r = 0; r < R; ++r) acc[p][c][r] = Vec<T>{};
+  const int64_t column = s.Ci * NB, row = s.W * column;  // from one input column / row to the next
+  for (int64_t di = di0; di < di1; ++di)
+    for (int64_t dj = 0; dj < s.kw; ++dj) {
+      const T* xp = xb + (i + di - s.ph) * row + (j + dj - s.pw) * column;
+      const T* wp = w + (di * s.kw + dj) * s.Ci * s.Co + co0;
+      for (int64_t ci = 0; ci < s.Ci; ++ci)
+        for (int p = 0; p < P; ++p) {  // one pixel's input registers at a time
+          Vec<T> xv[R];
+          for (int r = 0; r < R; ++r)
+            xv[r] = load(xp + (p / PJ) * row + (p % PJ) * column + ci * NB + r * kLanes<T>);
+          for (int c = 0; c < CB; ++c) {
+            const T wv = wp[ci * s.Co + c];
+            for (int r = 0; r < R; ++r) acc[p][c][r] += wv * xv[r];
+          }
+        }
+    }
+}
+
 // PJ consecutive output pixels (i, j) .. (i, j+PJ-1) whose windows lie inside the columns of
-// the padded input (every kernel column inside x): y[b, i, j.., co0 .. co0+CB-1, :]. Each
-// kernel weight loaded feeds PJ x R multiply-adds into PJ x CB x R independent accumulators,
-// where a single pixel of few channels would wait on one chain of multiply-adds.
+// the padded input (every kernel column inside x): y[b, i, j.., co0 .. co0+CB-1, :].
 template <typename T, int NB, int CB, int PJ>
 inline void forward_pixels(const Shape& s, const T* xb, const T* w, const T* bias, bool relu,
                            T* y, int64_t i, int64_t j, int64_t co0) {
   constexpr int R = kRegsPerBlock<T, NB>;
-  Vec<T> acc[PJ][CB][R] = {};
-  const int64_t di0 = std::max<int64_t>(0, s.ph - i), di1 = std::min(s.kh, s.H + s.ph - i);
-  const int64_t column = s.Ci * NB;  // from one input column to the next
-  for (int64_t di = di0; di < di1; ++di)
-    for (int64_t dj = 0; dj < s.kw; ++dj) {
-      const T* xp = xb + ((i + di - s.ph) * s.W + (j + dj - s.pw)) * column;
-      const T* wp = w + (di * s.kw + dj) * s.Ci * s.Co + co0;
-      for (int64_t ci = 0; ci < s.Ci; ++ci) {
-        Vec<T> xv[PJ][R];
-        for (int p = 0; p < PJ; ++p)
-          for (int r = 0; r < R; ++r) xv[p][r] = load(xp + p * column + ci * NB + r * kLanes<T>);
-        for (int c = 0; c < CB; ++c) {
-          const T wv = wp[ci * s.Co + c];
-          for (int p = 0; p < PJ; ++p)
-            for (int r = 0; r < R; ++r) acc[p][c][r] += wv * xv[p][r];
-        }
-      }
-    }
+  Vec<T> acc[PJ][CB][R];
+  accumulate_tile<T, NB, CB, 1, PJ>(s, xb, w, i, j, std::max<int64_t>(0, s.ph - i),
+                                    std::min(s.kh, s.H + s.ph - i), co0, acc);
   for (int p = 0; p < PJ; ++p) {
     T* out = y + ((i * s.Wo + j + p) * s.Co + co0) * NB;
     for (int c = 0; c < CB; ++c)
@@ -220,32 +234,14 @@ inline void forward_pool_pixel(const Shape& s, const T* xb, const T* w, const T*
   store_pooled<T, NB, CB>(s, acc, bias, relu, y, index, i, j, co0);
 }
 
-// One pooled pixel (i, j) whose four output pixels' windows lie inside x: the four summed
-// together, each kernel weight loaded once for 4 x R multiply-adds (a single input channel
-// leaves forward_pool_pixel one weight load per multiply-add). The same sums in the same order.
+// One pooled pixel (i, j) whose four output pixels' windows lie inside x: the four as one
+// 2 x 2 `accumulate_tile` (the same sums in the same order as `forward_pool_pixel`'s).
 template <typename T, int NB, int CB>
 inline void forward_pool_pixel_inside(const Shape& s, const T* xb, const T* w, const T* bias,
                                       bool relu, T* y, int8_t* index, int64_t i, int64_t j,
                                       int64_t co0) {
-  constexpr int R = kRegsPerBlock<T, NB>;
-  Vec<T> acc[4][CB][R] = {};
-  const int64_t column = s.Ci * NB, row = s.W * column;
-  const T* x0 = xb + (2 * i - s.ph) * row + (2 * j - s.pw) * column;
-  for (int64_t di = 0; di < s.kh; ++di)
-    for (int64_t dj = 0; dj < s.kw; ++dj) {
-      const T* xp = x0 + di * row + dj * column;
-      const T* wp = w + (di * s.kw + dj) * s.Ci * s.Co + co0;
-      for (int64_t ci = 0; ci < s.Ci; ++ci)
-        for (int k = 0; k < 4; ++k) {
-          Vec<T> xv[R];
-          for (int r = 0; r < R; ++r)
-            xv[r] = load(xp + (k / 2) * row + (k % 2) * column + ci * NB + r * kLanes<T>);
-          for (int c = 0; c < CB; ++c) {
-            const T wv = wp[ci * s.Co + c];
-            for (int r = 0; r < R; ++r) acc[k][c][r] += wv * xv[r];
-          }
-        }
-    }
+  Vec<T> acc[4][CB][kRegsPerBlock<T, NB>];
+  accumulate_tile<T, NB, CB, 2, 2>(s, xb, w, 2 * i, 2 * j, 0, s.kh, co0, acc);
   store_pooled<T, NB, CB>(s, acc, bias, relu, y, index, i, j, co0);
 }
 
