@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import machine_info, machine_line, parse_flags, run_main
+from benchmarks.common import machine_info, machine_line, parse_flags, run_main, time_steps
 from benchmarks.outer_step import matmul_peak_gflops
 from dd_jax import native
 from dd_jax.errors import ConfigError
 from dd_jax.outputs import markdown_table
 
-# LeNet's convolutions: (input (H, W, Ci), kernel (5, 5, Ci, Co), padding, output H x W).
-CONV1 = ((28, 28, 1), (5, 5, 1, 6), 2, 28 * 28)
-CONV2 = ((14, 14, 6), (5, 5, 6, 16), 0, 10 * 10)
+# LeNet's convolutions: (input (H, W, Ci), kernel (5, 5, Ci, Co), padding).
+CONV1 = ((28, 28, 1), (5, 5, 1, 6), 2)
+CONV2 = ((14, 14, 6), (5, 5, 6, 16), 0)
 
 
 def seconds_per_call(fn, *args, calls: int, repeats: int = 5) -> float:
@@ -41,13 +40,8 @@ def seconds_per_call(fn, *args, calls: int, repeats: int = 5) -> float:
         return c + 1e-30 * sum(jnp.sum(o[..., :1]) for o in leaves), None
 
     run = jax.jit(lambda c: jax.lax.scan(body, c, None, length=calls)[0])
-    jax.block_until_ready(run(0.0))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(run(0.0))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) / calls
+    timing = time_steps(lambda c, _: (c, run(0.0)), None, iterations=repeats, warmup=1)
+    return timing["median_s"] / calls
 
 
 def cases(nets: int, blocks: int, lanes: int) -> list[tuple[str, callable, tuple, float, float]]:
@@ -55,20 +49,20 @@ def cases(nets: int, blocks: int, lanes: int) -> list[tuple[str, callable, tuple
     key = iter(jax.random.split(jax.random.PRNGKey(0), 32))
     normal = lambda *shape: jax.random.normal(next(key), (nets, *shape), jnp.float32)
     out = []
-    for layer, (hwc, k, pad, pixels) in (("conv1", CONV1), ("conv2", CONV2)):
+    for layer, (hwc, k, pad) in (("conv1", CONV1), ("conv2", CONV2)):
         x, w, b = normal(blocks, *hwc, lanes), normal(*k), normal(k[3])
-        flops = 2.0 * nets * blocks * lanes * pixels * np.prod(k)
-        h, wd = hwc[0] + 2 * pad - 4, hwc[1] + 2 * pad - 4
+        h, wd = hwc[0] + 2 * pad - k[0] + 1, hwc[1] + 2 * pad - k[1] + 1  # output, unpooled
+        flops = 2.0 * nets * blocks * lanes * h * wd * np.prod(k)
         dy = normal(blocks, h, wd, k[3], lanes)
         forward = jax.vmap(lambda x, w, b, pad=pad: native.conv_layer(x, w, b, pad, True, True))
         out += [
             (f"{layer} forward, pool, relu", forward, (x, w, b), flops, 0.0),
             (f"{layer} input gradient",
-             jax.vmap(lambda d, w, pad=pad: native.conv(d, native._flip(w), 4 - pad)), (dy, w),
-             flops, 0.0),
+             jax.vmap(lambda d, w, pad=pad, kh=k[0]: native.conv(d, native._flip(w), kh - 1 - pad)),
+             (dy, w), flops, 0.0),
             (f"{layer} kernel gradient",
-             jax.vmap(lambda x, d, pad=pad: native.conv_weight_grad(x, d, (pad, pad), (5, 5))), (x, dy),
-             flops, 0.0),
+             jax.vmap(lambda x, d, pad=pad, hw=k[:2]: native.conv_weight_grad(x, d, (pad, pad), hw)),
+             (x, dy), flops, 0.0),
         ]
         y = forward(x, w, b)
         _, index = jax.vmap(lambda x, w, b: native._layer_call(x, w, b, (pad, pad), True, True))(x, w, b)
