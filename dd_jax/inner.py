@@ -43,7 +43,13 @@ def gd_step(
 ) -> Params:
     """One plain gradient-descent step on loss_fn(apply_fn(params, x), y) with step size lr."""
     grads = jax.grad(lambda p: loss_fn(apply_fn(p, x), y))(params)
-    return jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    return descend(params, grads, lr)
+
+
+def descend(params: Params, direction: Params, lr: jax.Array) -> Params:
+    """params - lr * direction, leaf by leaf, written p + (-lr) d: the same bits, and its
+    reverse pass scales the cotangent by -lr instead of negating a parameter-sized array."""
+    return jax.tree.map(lambda p, d: p + (-lr) * d, params, direction)
 
 
 def unroll_schedule(images: jax.Array, labels: jax.Array, epochs: int) -> tuple[jax.Array, jax.Array]:

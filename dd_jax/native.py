@@ -16,7 +16,9 @@ they are available; otherwise their pure-XLA convolutions (`dd_jax.conv.CONVS`).
 
 `conv_layer` (convolution, optionally 2x2 max pooling, bias and relu, in one pass) is
 differentiable to any order: its input gradient is a `conv` (flipped, transposed kernel), its
-kernel gradient `conv_weight_grad`, whose own gradients are `conv`s.
+kernel gradient `conv_weight_grad`, whose own gradients are `conv`s. With pooling, the kernel
+gradient unpools the pooling gradient itself, a block of images at a time, and the backward
+pass keeps only the pooled gradient for its own derivative (`unpool` recomputes the rest).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-sh
 TARGETS = {"dd_jax_conv_forward": "DdJaxConvForward",
            "dd_jax_conv_pool_forward": "DdJaxConvPoolForward",
            "dd_jax_conv_weight_grad": "DdJaxConvWeightGrad",
+           "dd_jax_conv_weight_grad_pooled": "DdJaxConvWeightGradPooled",
            "dd_jax_unpool": "DdJaxUnpool",
            "dd_jax_pool_gather": "DdJaxPoolGather"}
 
@@ -177,14 +180,59 @@ def _layer_fwd(x, kernel, bias, pads, pool, relu):
 def _layer_bwd(pads, pool, relu, residuals, cotangents):
     x, kernel, bias, y, index = residuals
     g = jnp.where(y > 0, cotangents[0], 0) if relu else cotangents[0]
-    dy = unpool(cotangents[0], y, index, relu) if pool else g
-    kernel_hw = kernel.shape[:2]
-    return (_like(conv(dy, _flip(kernel), _transposed(pads, kernel_hw)), x),
-            _like(conv_weight_grad(x, dy, pads, kernel_hw), kernel),
-            _like(g.sum((0, 1, 2, 4)), bias))
+    if pool:
+        dx, dkernel = _pooled_grads(cotangents[0], x, kernel, y, index, pads, relu)
+    else:
+        dx, dkernel = _input_and_kernel_grads(g, x, kernel, pads)
+    return _like(dx, x), _like(dkernel, kernel), _like(g.sum((0, 1, 2, 4)), bias)
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)
+
+
+def _input_and_kernel_grads(dy, x, kernel, pads):
+    """The gradients of ``sum(dy * conv(x, kernel, pads))`` w.r.t. x and the kernel, from the
+    gradient dy (B, Ho, Wo, Co, NB) at the (unpooled) convolution output."""
+    kernel_hw = kernel.shape[:2]
+    return (conv(dy, _flip(kernel), _transposed(pads, kernel_hw)),
+            conv_weight_grad(x, dy, pads, kernel_hw))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _pooled_grads(g, x, kernel, y, index, pads, relu):
+    """`_input_and_kernel_grads` of a pooled layer, from the gradient g (B, Ho/2, Wo/2, Co, NB)
+    at its pooled output y: dy = unpool(g, y, index, relu). The kernel gradient unpools dy
+    block by block inside the kernel (so where the input gradient is not needed, as for the
+    first layer, dy is never written out whole); its VJP recomputes dy from g rather than
+    keeping it: a loop of steps then stores the pooled g, not the 4x larger dy (y and index
+    get no gradient, as in `unpool`)."""
+    kernel_hw = kernel.shape[:2]
+    dw, = _ffi("dd_jax_conv_weight_grad_pooled", [((*kernel_hw, x.shape[3], g.shape[3]), x.dtype)],
+               x, g, y, index, padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]), relu=relu)
+    dy = unpool(g, y, index, relu)
+    return conv(dy, _flip(kernel), _transposed(pads, kernel_hw)), dw
+
+
+def _pooled_grads_fwd(g, x, kernel, y, index, pads, relu):
+    g, x, kernel, y, index = (a.value for a in (g, x, kernel, y, index))
+    return _pooled_grads(g, x, kernel, y, index, pads, relu), (g, x, kernel, y, index)
+
+
+def _pooled_grads_bwd(pads, relu, residuals, cotangents):
+    g, x, kernel, y, index = residuals
+    # an output that nothing differentiates (the first layer's input gradient, in a training
+    # step) has a symbolic zero cotangent: its transpose is left out, not run on zeros
+    used = [not isinstance(c, jax.custom_derivatives.SymbolicZero) for c in cotangents]
+
+    def grads(g, x, kernel):
+        out = _input_and_kernel_grads(unpool(g, y, index, relu), x, kernel, pads)
+        return [o for o, u in zip(out, used) if u]
+
+    _, vjp = jax.vjp(grads, g, x, kernel)
+    return (*vjp([c for c, u in zip(cotangents, used) if u]), None, None)
+
+
+_pooled_grads.defvjp(_pooled_grads_fwd, _pooled_grads_bwd, symbolic_zeros=True)
 
 
 def conv_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: int | tuple[int, int] = 0,

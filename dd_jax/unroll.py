@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dd_jax.inner import ApplyFn, LossFn, checkpointed_scan, cross_entropy
+from dd_jax.inner import ApplyFn, LossFn, checkpointed_scan, cross_entropy, descend
 
 Params = Any
 INNER_OPTIMIZERS = ("gd", "momentum", "adam")
@@ -62,10 +62,10 @@ def optimizer_update(
 ) -> tuple[Params, Any]:
     """(params, state) after step t (0-based) with gradient `grads` and step size `lr`."""
     if spec.optimizer == "gd":
-        return jax.tree.map(lambda p, g: p - lr * g, params, grads), state
+        return descend(params, grads, lr), state
     if spec.optimizer == "momentum":
         v = jax.tree.map(lambda v, g: spec.momentum * v + g, state, grads)
-        return jax.tree.map(lambda p, v: p - lr * v, params, v), v
+        return descend(params, v, lr), v
     b1 = spec.momentum
     m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state[0], grads)
     v = jax.tree.map(lambda v, g: ADAM_B2 * v + (1 - ADAM_B2) * g * g, state[1], grads)

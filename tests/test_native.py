@@ -79,6 +79,56 @@ def test_conv_layer_matches_lax_conv_to_second_order(batch, hw, kernel_hw, paddi
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("differentiated", ["images", "kernel", "both"])
+def test_pooled_layer_second_order_through_either_gradient(differentiated, relu):
+    """float64: a second derivative through the image gradient, the kernel gradient or both
+    (the pooled layer's backward pass recomputes its unpooled gradient, and leaves out the
+    transpose of a gradient that nothing differentiates) agrees with lax.conv."""
+    with jax.enable_x64():
+        rng = np.random.default_rng(11)
+        args = _problem(rng, 20, (10, 10), (5, 5), 2, 3, jnp.float64)
+        u, v = (jnp.asarray(rng.normal(size=a.shape)) for a in args[:2])
+        scales = {"images": (1.0, 0.0), "kernel": (0.0, 1.0), "both": (1.0, 1.0)}[differentiated]
+
+        def second(layer):
+            loss = lambda x, k, b: jnp.sum(jnp.sin(layer(x, k, b, 2, True, relu)))
+
+            def directional(x, k, b):
+                gx, gk = jax.grad(loss, (0, 1))(x, k, b)
+                return sum(s * jnp.vdot(g, w) for s, g, w in zip(scales, (gx, gk), (u, v)) if s)
+
+            return jax.grad(directional, (0, 1, 2))(*args)
+
+        ours, ref = jax.jit(lambda: second(native_layer))(), jax.jit(lambda: second(reference_layer))()
+        for a, b in zip(ours, ref):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("nets", [1, 5], ids=["1net", "5nets"])
+@pytest.mark.parametrize("block", native.BLOCKS, ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_pooled_kernel_gradient_unpools_in_the_kernel(relu, block, nets):
+    """float32, kernels vmapped over shared images: the pooled layer's kernel gradient (the
+    kernel unpools its dy itself: block by block in each task, or all at once first where the
+    kernel's rows are split over tasks, as for one net on two threads) equals
+    `conv_weight_grad` of `unpool`'s dy to the bit."""
+    rng = np.random.default_rng(12)
+    x, _, bias = _problem(rng, 40, (12, 12), (5, 5), 2, 3, jnp.float32)
+    kernels = jnp.asarray(rng.normal(size=(nets, 5, 5, 2, 3)), jnp.float32)
+    xb = native.to_blocked(x, block)
+
+    def both(kernel):
+        (y, index), vjp = jax.vjp(lambda k: native._layer(xb, k, bias, (2, 2), True, relu), kernel)
+        g = jnp.cos(y)  # any gradient at the pooled output
+        dy = native.unpool(g, y, index, relu)
+        return vjp((g, np.zeros(index.shape, jax.dtypes.float0)))[0], native.conv_weight_grad(xb, dy, (2, 2), (5, 5))
+
+    ours, reference = jax.jit(jax.vmap(both))(kernels)
+    assert float(jnp.max(jnp.abs(reference))) > 0
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
+
+
 @pytest.mark.parametrize("pool", [False, True], ids=["conv", "conv+pool"])
 def test_conv_layer_gradients_match_finite_differences(pool):
     """float64, first and second order, reverse mode, against central differences."""

@@ -12,6 +12,8 @@
 //   DdJaxConvPoolForward: the same with 2x2 max pooling before the bias, and the argmax (int8)
 //   DdJaxConvWeightGrad:  dw[di, dj, ci, co] =
 //                           sum_{b, i, j, lanes} x[b, i+di-ph, j+dj-pw, ci, :] dy[b, i, j, co, :]
+//   DdJaxConvWeightGradPooled: the same from the gradient at the 2x2-max-pooled output (+ relu),
+//                         dy unpooled one block at a time (never all of it in memory)
 //   DdJaxUnpool:          the gradient of 2x2 max pooling (+ relu) from the argmax and the output
 //   DdJaxPoolGather:      its transpose (native.py: each is the other's derivative)
 // act is relu or the identity. The input gradient is DdJaxConvForward of dy with the flipped,
@@ -329,6 +331,36 @@ void conv_forward(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T*
   });
 }
 
+// Pooled row (b, i) of the gradient of 2x2 max pooling followed by `relu` (y = its output), or
+// of its transpose; the row's pooled entries (w, C, NB) and its two unpooled rows (2, 2w, C, NB).
+// With gather false, `from` is the pooled row and `to` the unpooled rows:
+// to[u, 2j+v, c, :] = from[j, c, :] where index[j, c, :] == 2u+v (and y > 0), else 0. With
+// gather true, `from` is the unpooled rows and `to` the pooled row: to[j, c, :] = from at the
+// window position index[j, c, :] (where y > 0), else 0.
+template <typename T, int NB>
+inline void pool_grad_row(int64_t w, int64_t C, const T* from, T* to, const T* yp,
+                          const int8_t* ip, bool relu, bool gather) {
+  const int64_t row = w * C * NB;  // one pooled row; an unpooled row is twice as long
+  for (int64_t j = 0; j < w; ++j)
+    for (int64_t e = j * C * NB; e < (j + 1) * C * NB; e += kLanes<T>) {
+      typename Reg<T>::bytes kb;
+      std::memcpy(&kb, ip + e, sizeof kb);
+      const Mask<T> k = __builtin_convertvector(kb, Mask<T>);
+      const Mask<T> keep = relu ? Mask<T>(load(yp + e) > 0) : Mask<T>{} - 1;
+      const int64_t c = e - j * C * NB;  // within pixel j: (channel, lane)
+      const int64_t at[4] = {2 * j * C * NB + c, (2 * j + 1) * C * NB + c,
+                             row * 2 + 2 * j * C * NB + c, row * 2 + (2 * j + 1) * C * NB + c};
+      if (gather) {
+        Vec<T> v = Vec<T>{};
+        for (int q = 0; q < 4; ++q) v = k == q ? load(from + at[q]) : v;
+        store(to + e, keep ? v : Vec<T>{});
+      } else {
+        const Vec<T> g = keep ? load(from + e) : Vec<T>{};
+        for (int q = 0; q < 4; ++q) store(to + at[q], k == q ? g : Vec<T>{});
+      }
+    }
+}
+
 // Kernel row di, CIB consecutive (kernel column, input channel) entries from (dj, ci0) (input
 // channels ci0.. of column dj; with a single input channel, kernel columns dj..), output
 // channels co0..: CIB x CB register accumulators over the output pixels of one block in
@@ -376,12 +408,40 @@ inline void weight_grad_columns_tile(const Shape& s, const T* xb, const T* dyb, 
   }
 }
 
-// dw for every item of the leading axes. The work is split into (item, chunk of blocks)
-// tasks, each chunk with its own per-lane partial sums, added up in a fixed order at the end;
-// when that leaves threads idle (one block per item), the kernel's rows are split too.
+// The sum of v's lanes, pairwise: lanes l and l + half, then the halves of the halves (four
+// rounds of independent adds rather than one chain of kLanes).
+template <typename T>
+inline T lane_sum(Vec<T> v) {
+  T t[kLanes<T>];
+  std::memcpy(t, &v, sizeof v);
+  for (int half = kLanes<T> / 2; half > 0; half /= 2)
+    for (int l = 0; l < half; ++l) t[l] += t[l + half];
+  return t[0];
+}
+
+// The gradient at a 2x2 max pooling's output (+ relu) from which a weight gradient unpools
+// its dy (`pool_grad_row`): g, y (the pooled, rectified output) and the argmax index, each
+// (B, Ho/2, Wo/2, Co, NB) per item.
+template <typename T>
+struct PooledGrad {
+  const T* g;
+  Operand go;
+  const T* y;
+  Operand yo;
+  const int8_t* index;
+  Operand io;
+  bool relu;
+};
+
+// dw for every item of the leading axes, from dy, or with `pooled` from the pooling gradient
+// (dy is then unpooled one block at a time into a buffer of the task's: never all of it in
+// memory). The work is split into (item, chunk of blocks) tasks, each chunk with its own
+// per-lane partial sums, added up in a fixed order at the end; when that leaves threads idle
+// (one block per item), the kernel's rows are split too.
 template <typename T, int NB>
 void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T* x,
-                      const Operand& xo, const T* dy, const Operand& dyo, T* dw) {
+                      const Operand& xo, const T* dy, const Operand& dyo, T* dw,
+                      const PooledGrad<T>* pooled = nullptr) {
   constexpr int64_t kMaxCIB = 6, kMaxCB = 4, kMaxDJ = 4, kMaxColumnsCB = 6;
   const int64_t K = s.kh * s.kw * s.Ci * s.Co;
   if (items == 0 || s.B == 0) {  // no items, or no images: a zero gradient
@@ -391,16 +451,45 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
   const int64_t tasks = 2 * std::max<int64_t>(1, pool.num_threads());
   const int64_t chunks = std::min<int64_t>(s.B, std::max<int64_t>(1, tasks / items));
   const int64_t splits = items * chunks < tasks ? s.kh : 1;  // of the rows di
-  std::vector<Vec<T>> parts(items * chunks * K, Vec<T>{});
-  Vec<T>* parts_data = parts.data();
+  const int64_t prow = s.Wo / 2 * s.Co * NB;  // one pooled row of `pooled`
+  if (pooled && splits > 1) {  // every split would unpool the same blocks: unpool them once
+    const int64_t block = s.Ho * s.Wo * s.Co * NB, rows = s.B * s.Ho / 2;
+    std::unique_ptr<T[]> unpooled(new T[items * s.B * block]);
+    Operand uo;
+    for (int64_t n = 0; n < items; ++n) uo.offsets.push_back(n * s.B * block);
+    const PooledGrad<T>& p = *pooled;
+    T* u = unpooled.get();
+    parallel_for(pool, items * rows, [=, &p](int64_t task) {
+      const int64_t n = task / rows, at = task % rows * prow;
+      pool_grad_row<T, NB>(s.Wo / 2, s.Co, p.g + p.go.offsets[n] + at, u + n * s.B * block + 4 * at,
+                           p.y + p.yo.offsets[n] + at, p.index + p.io.offsets[n] + at, p.relu,
+                           false);
+    });
+    conv_weight_grad<T, NB>(pool, s, items, x, xo, u, uo, dw);
+    return;
+  }
+  // left uninitialised: each task zeroes the sums it adds to (its kernel rows of its chunk's)
+  std::unique_ptr<Vec<T>[]> parts(new Vec<T>[items * chunks * K]);
+  Vec<T>* parts_data = parts.get();
   parallel_for(pool, items * chunks * splits, [=, &xo, &dyo](int64_t task) {
     const int64_t n = task / (chunks * splits), chunk = task / splits % chunks;
     const int64_t split = task % splits;
+    const int64_t di_lo = split * s.kh / splits, di_hi = (split + 1) * s.kh / splits;
     Vec<T>* part = parts_data + (n * chunks + chunk) * K;
+    std::fill(part + di_lo * s.kw * s.Ci * s.Co, part + di_hi * s.kw * s.Ci * s.Co, Vec<T>{});
+    std::unique_ptr<T[]> unpooled(pooled ? new T[s.Ho * s.Wo * s.Co * NB] : nullptr);
     for (int64_t b = chunk * s.B / chunks; b < (chunk + 1) * s.B / chunks; ++b) {
       const T* xb = x + xo.offsets[n] + b * s.H * s.W * s.Ci * NB;
-      const T* dyb = dy + dyo.offsets[n] + b * s.Ho * s.Wo * s.Co * NB;
-      for (int64_t di = split * s.kh / splits; di < (split + 1) * s.kh / splits; ++di) {
+      const T* dyb = pooled ? nullptr : dy + dyo.offsets[n] + b * s.Ho * s.Wo * s.Co * NB;
+      if (pooled) {
+        const PooledGrad<T>& p = *pooled;
+        for (int64_t i = 0, at = b * s.Ho / 2 * prow; i < s.Ho / 2; ++i, at += prow)
+          pool_grad_row<T, NB>(s.Wo / 2, s.Co, p.g + p.go.offsets[n] + at,
+                               unpooled.get() + i * 4 * prow, p.y + p.yo.offsets[n] + at,
+                               p.index + p.io.offsets[n] + at, p.relu, false);
+        dyb = unpooled.get();
+      }
+      for (int64_t di = di_lo; di < di_hi; ++di) {
         if (s.Ci == 1) {
           for (int64_t dj0 = 0; dj0 < s.kw; dj0 += kMaxDJ)
             for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxColumnsCB)
@@ -422,51 +511,31 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
       }
     }
   });
-  for (int64_t n = 0; n < items; ++n)
+  // the chunks' partial sums in order, then the lanes pairwise (`lane_sum`): the same order
+  // whichever thread adds up which item
+  parallel_for(pool, items, [=](int64_t n) {
     for (int64_t k = 0; k < K; ++k) {
-      Vec<T> sum = parts[n * chunks * K + k];
-      for (int64_t c = 1; c < chunks; ++c) sum += parts[(n * chunks + c) * K + k];
-      T total = 0;
-      for (int l = 0; l < kLanes<T>; ++l) total += sum[l];
-      dw[n * K + k] = total;
+      Vec<T> sum = parts_data[n * chunks * K + k];
+      for (int64_t c = 1; c < chunks; ++c) sum += parts_data[(n * chunks + c) * K + k];
+      dw[n * K + k] = lane_sum<T>(sum);
     }
+  });
 }
 
-// The gradient of 2x2 max pooling followed by `relu` (y = its output) and the transpose of that
-// gradient, for every item of the leading axes; pooled (B, h, w, C, NB), unpooled (B, 2h, 2w, C,
-// NB). With gather false: unpooled[b, 2i+u, 2j+v, c, :] = pooled[b, i, j, c, :] where
-// index[b, i, j, c, :] == 2u+v (and y > 0), else 0. With gather true: pooled[b, i, j, c, :] =
-// unpooled at the window position index[b, i, j, c, :] (where y > 0), else 0.
+// `pool_grad_row` for every pooled row of every item of the leading axes: pooled (B, h, w, C,
+// NB), unpooled (B, 2h, 2w, C, NB); with gather, unpooled is read into pooled, else the reverse.
 template <typename T, int NB>
 void pool_grad(ffi::ThreadPool& pool, int64_t items, int64_t B, int64_t h, int64_t w, int64_t C,
                T* pooled, const Operand& po, T* unpooled, const Operand& uo, const T* y,
                const Operand& yo, const int8_t* index, const Operand& io, bool relu,
                bool gather) {
-  const int64_t row = w * C * NB;  // one pooled row; an unpooled row is twice as long
+  const int64_t row = w * C * NB;
   parallel_for(pool, items * B * h, [=, &po, &uo, &yo, &io](int64_t task) {
     const int64_t n = task / (B * h), bi = task % (B * h);
     T* p = pooled + po.offsets[n] + bi * row;
     T* u = unpooled + uo.offsets[n] + bi * 4 * row;  // pooled row (b, i): unpooled rows 2i, 2i+1
-    const T* yp = y + yo.offsets[n] + bi * row;
-    const int8_t* ip = index + io.offsets[n] + bi * row;
-    for (int64_t j = 0; j < w; ++j)
-      for (int64_t e = j * C * NB; e < (j + 1) * C * NB; e += kLanes<T>) {
-        typename Reg<T>::bytes kb;
-        std::memcpy(&kb, ip + e, sizeof kb);
-        const Mask<T> k = __builtin_convertvector(kb, Mask<T>);
-        const Mask<T> keep = relu ? Mask<T>(load(yp + e) > 0) : Mask<T>{} - 1;
-        const int64_t c = e - j * C * NB;  // within pixel j: (channel, lane)
-        T* at[4] = {u + 2 * j * C * NB + c, u + (2 * j + 1) * C * NB + c,
-                    u + 2 * row + 2 * j * C * NB + c, u + 2 * row + (2 * j + 1) * C * NB + c};
-        if (gather) {
-          Vec<T> v = Vec<T>{};
-          for (int q = 0; q < 4; ++q) v = k == q ? load(at[q]) : v;
-          store(p + e, keep ? v : Vec<T>{});
-        } else {
-          const Vec<T> g = keep ? load(p + e) : Vec<T>{};
-          for (int q = 0; q < 4; ++q) store(at[q], k == q ? g : Vec<T>{});
-        }
-      }
+    pool_grad_row<T, NB>(w, C, gather ? u : p, gather ? p : u, y + yo.offsets[n] + bi * row,
+                         index + io.offsets[n] + bi * row, relu, gather);
   });
 }
 
@@ -576,6 +645,40 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   });
 }
 
+// The weight gradient from the gradient g at the layer's 2x2-max-pooled (and with `relu`
+// rectified) output y: dy = the pooling gradient of g (`pool_grad_row`), unpooled block by block.
+ffi::Error ConvWeightGradPooledImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                                    ffi::AnyBuffer y, ffi::AnyBuffer index,
+                                    ffi::Result<ffi::AnyBuffer> dw, int64_t ph, int64_t pw,
+                                    bool relu) {
+  auto s = shape_of(x.dimensions(), dw->dimensions(), ph, pw);
+  if (s.has_error()) return s.error();
+  if (s->Ho % 2 || s->Wo % 2)
+    return ffi::Error::InvalidArgument("dd_jax conv: pooling needs an even output");
+  const Lead lead(dw->dimensions(), 4);
+  Operand xo, go, yo, io;
+  if (!lead.operand(x.dimensions(), 5, xo) || !lead.operand(g.dimensions(), 5, go) ||
+      !lead.operand(y.dimensions(), 5, yo) || !lead.operand(index.dimensions(), 5, io) ||
+      index.element_type() != ffi::S8)
+    return ffi::Error::InvalidArgument("dd_jax conv: the leading axes or the index do not match");
+  const int64_t nb = x.dimensions().back();
+  for (auto d : {g.dimensions(), y.dimensions(), index.dimensions()}) {
+    d = trailing(d, 5);
+    if (d[0] != s->B || d[1] != s->Ho / 2 || d[2] != s->Wo / 2 || d[3] != s->Co || d[4] != nb)
+      return ffi::Error::InvalidArgument(
+          "dd_jax conv: g, y and index must be (B, Ho/2, Wo/2, Co, NB) as x");
+  }
+  auto types = {x.element_type(), g.element_type(), y.element_type(), dw->element_type()};
+  return with_types(types, nb, [&](auto t, auto block) {
+    using T = decltype(t);
+    const PooledGrad<T> pooled{g.typed_data<T>(), go, y.typed_data<T>(), yo,
+                               index.typed_data<int8_t>(), io, relu};
+    conv_weight_grad<T, block>(pool, *s, lead.count, x.typed_data<T>(), xo, nullptr, xo,
+                               dw->typed_data<T>(), &pooled);
+    return ffi::Error::Success();
+  });
+}
+
 // Checks the operands of a pooling gradient and runs it: `gather` reads `unpooled` into `pooled`,
 // else the reverse.
 ffi::Error pool_grad_call(ffi::ThreadPool& pool, ffi::AnyBuffer pooled, ffi::AnyBuffer unpooled,
@@ -647,6 +750,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxConvWeightGrad, ConvWeightGradImpl,
                                   .Ret<ffi::AnyBuffer>()  // dw
                                   .Attr<int64_t>("padding_h")
                                   .Attr<int64_t>("padding_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxConvWeightGradPooled, ConvWeightGradPooledImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // g (at the pooled output)
+                                  .Arg<ffi::AnyBuffer>()  // y: the pooled, rectified output
+                                  .Arg<ffi::AnyBuffer>()  // argmax index
+                                  .Ret<ffi::AnyBuffer>()  // dw
+                                  .Attr<int64_t>("padding_h")
+                                  .Attr<int64_t>("padding_w")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxUnpool, UnpoolImpl,
                               ffi::Ffi::Bind()
