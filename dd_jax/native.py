@@ -179,38 +179,37 @@ def _layer_fwd(x, kernel, bias, pads, pool, relu):
 
 def _layer_bwd(pads, pool, relu, residuals, cotangents):
     x, kernel, bias, y, index = residuals
-    g = jnp.where(y > 0, cotangents[0], 0) if relu else cotangents[0]
     if pool:
-        dx, dkernel = _pooled_grads(cotangents[0], x, kernel, y, index, pads, relu)
+        dx, dkernel, dbias = _pooled_grads(cotangents[0], x, kernel, y, index, pads, relu)
     else:
-        dx, dkernel = _input_and_kernel_grads(g, x, kernel, pads)
-    return _like(dx, x), _like(dkernel, kernel), _like(g.sum((0, 1, 2, 4)), bias)
+        g = jnp.where(y > 0, cotangents[0], 0) if relu else cotangents[0]
+        dx, dkernel, dbias = _unpooled_grads(g, x, kernel, pads)
+    return _like(dx, x), _like(dkernel, kernel), _like(dbias, bias)
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)
 
 
-def _input_and_kernel_grads(dy, x, kernel, pads):
-    """The gradients of ``sum(dy * conv(x, kernel, pads))`` w.r.t. x and the kernel, from the
-    gradient dy (B, Ho, Wo, Co, NB) at the (unpooled) convolution output."""
+def _unpooled_grads(dy, x, kernel, pads):
+    """The gradients of ``sum(dy * (conv(x, kernel, pads) + bias))`` w.r.t. x, the kernel and
+    the bias, from the gradient dy (B, Ho, Wo, Co, NB) at the (unpooled) convolution output."""
     kernel_hw = kernel.shape[:2]
     return (conv(dy, _flip(kernel), _transposed(pads, kernel_hw)),
-            conv_weight_grad(x, dy, pads, kernel_hw))
+            conv_weight_grad(x, dy, pads, kernel_hw), dy.sum((0, 1, 2, 4)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _pooled_grads(g, x, kernel, y, index, pads, relu):
-    """`_input_and_kernel_grads` of a pooled layer, from the gradient g (B, Ho/2, Wo/2, Co, NB)
-    at its pooled output y: dy = unpool(g, y, index, relu). The kernel gradient unpools dy
-    block by block inside the kernel (so where the input gradient is not needed, as for the
-    first layer, dy is never written out whole); its VJP recomputes dy from g rather than
-    keeping it: a loop of steps then stores the pooled g, not the 4x larger dy (y and index
-    get no gradient, as in `unpool`)."""
+    """`_unpooled_grads` of a pooled layer, from the gradient g (B, Ho/2, Wo/2, Co, NB) at its
+    pooled output y: dy = unpool(g, y, index, relu). The kernel and bias gradients come from g
+    in one kernel call, which unpools dy a block at a time (so where the input gradient is not
+    needed, as for the first layer, dy is never written out whole); the VJP recomputes dy from
+    g rather than keeping it: a loop of steps then stores the pooled g, not the 4x larger dy
+    (y and index get no gradient, as in `unpool`)."""
     kernel_hw = kernel.shape[:2]
-    dw, = _ffi("dd_jax_conv_weight_grad_pooled", [((*kernel_hw, x.shape[3], g.shape[3]), x.dtype)],
-               x, g, y, index, padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]), relu=relu)
-    dy = unpool(g, y, index, relu)
-    return conv(dy, _flip(kernel), _transposed(pads, kernel_hw)), dw
+    dkernel, dbias = conv_weight_grad_pooled(x, g, y, index, pads, kernel_hw, relu)
+    dx = conv(unpool(g, y, index, relu), _flip(kernel), _transposed(pads, kernel_hw))
+    return dx, dkernel, dbias
 
 
 def _pooled_grads_fwd(g, x, kernel, y, index, pads, relu):
@@ -225,7 +224,7 @@ def _pooled_grads_bwd(pads, relu, residuals, cotangents):
     used = [not isinstance(c, jax.custom_derivatives.SymbolicZero) for c in cotangents]
 
     def grads(g, x, kernel):
-        out = _input_and_kernel_grads(unpool(g, y, index, relu), x, kernel, pads)
+        out = _unpooled_grads(unpool(g, y, index, relu), x, kernel, pads)
         return [o for o, u in zip(out, used) if u]
 
     _, vjp = jax.vjp(grads, g, x, kernel)
@@ -297,6 +296,21 @@ def _weight_grad_bwd(pads, kernel_hw, residuals, g):
 
 
 conv_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
+
+
+def conv_weight_grad_pooled(x: jax.Array, g: jax.Array, y: jax.Array, index: jax.Array,
+                            pads: tuple[int, int], kernel_hw: tuple[int, int],
+                            relu: bool) -> tuple[jax.Array, jax.Array]:
+    """The kernel and bias gradients of a pooled layer from the gradient g at its pooled
+    output y: ``conv_weight_grad(x, dy, pads, kernel_hw)`` and ``dy.sum((0, 1, 2, 4))`` with
+    dy = unpool(g, y, index, relu), the kernel unpooling dy one block of images at a time.
+    x (B, H, W, Ci, NB), g, y and index (B, Ho/2, Wo/2, Co, NB) -> (kh, kw, Ci, Co), (Co,).
+    Not differentiable itself: `conv_layer`'s backward pass differentiates the unfused form."""
+    co = g.shape[3]
+    dw, db = _ffi("dd_jax_conv_weight_grad_pooled",
+                  [((*kernel_hw, x.shape[3], co), x.dtype), ((co,), x.dtype)], x, g, y, index,
+                  padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]), relu=relu)
+    return dw, db
 
 
 def unpool(g: jax.Array, y: jax.Array, index: jax.Array, relu: bool) -> jax.Array:

@@ -112,21 +112,25 @@ def test_pooled_kernel_gradient_unpools_in_the_kernel(relu, block, nets):
     """float32, kernels vmapped over shared images: the pooled layer's kernel gradient (the
     kernel unpools its dy itself: block by block in each task, or all at once first where the
     kernel's rows are split over tasks, as for one net on two threads) equals
-    `conv_weight_grad` of `unpool`'s dy to the bit."""
+    `conv_weight_grad` of `unpool`'s dy to the bit; its bias gradient (from the pooled
+    gradient, in the same call) is dy's sum to float32 rounding."""
     rng = np.random.default_rng(12)
     x, _, bias = _problem(rng, 40, (12, 12), (5, 5), 2, 3, jnp.float32)
     kernels = jnp.asarray(rng.normal(size=(nets, 5, 5, 2, 3)), jnp.float32)
     xb = native.to_blocked(x, block)
 
     def both(kernel):
-        (y, index), vjp = jax.vjp(lambda k: native._layer(xb, k, bias, (2, 2), True, relu), kernel)
+        (y, index), vjp = jax.vjp(lambda k, b: native._layer(xb, k, b, (2, 2), True, relu),
+                                  kernel, bias)
         g = jnp.cos(y)  # any gradient at the pooled output
         dy = native.unpool(g, y, index, relu)
-        return vjp((g, np.zeros(index.shape, jax.dtypes.float0)))[0], native.conv_weight_grad(xb, dy, (2, 2), (5, 5))
+        ours = vjp((g, np.zeros(index.shape, jax.dtypes.float0)))
+        return ours, (native.conv_weight_grad(xb, dy, (2, 2), (5, 5)), dy.sum((0, 1, 2, 4)))
 
-    ours, reference = jax.jit(jax.vmap(both))(kernels)
-    assert float(jnp.max(jnp.abs(reference))) > 0
-    np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
+    (dkernel, dbias), (dkernel_ref, dbias_ref) = jax.jit(jax.vmap(both))(kernels)
+    assert float(jnp.max(jnp.abs(dkernel_ref))) > 0 and float(jnp.max(jnp.abs(dbias_ref))) > 0
+    np.testing.assert_array_equal(np.asarray(dkernel), np.asarray(dkernel_ref))
+    np.testing.assert_allclose(np.asarray(dbias), np.asarray(dbias_ref), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["conv", "conv+pool"])

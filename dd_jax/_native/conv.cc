@@ -13,7 +13,8 @@
 //   DdJaxConvWeightGrad:  dw[di, dj, ci, co] =
 //                           sum_{b, i, j, lanes} x[b, i+di-ph, j+dj-pw, ci, :] dy[b, i, j, co, :]
 //   DdJaxConvWeightGradPooled: the same from the gradient at the 2x2-max-pooled output (+ relu),
-//                         dy unpooled one block at a time (never all of it in memory)
+//                         dy unpooled one block at a time (never all of it in memory), and
+//                         the bias gradient
 //   DdJaxUnpool:          the gradient of 2x2 max pooling (+ relu) from the argmax and the output
 //   DdJaxPoolGather:      its transpose (native.py: each is the other's derivative)
 // act is relu or the identity. The input gradient is DdJaxConvForward of dy with the flipped,
@@ -539,6 +540,24 @@ void pool_grad(ffi::ThreadPool& pool, int64_t items, int64_t B, int64_t h, int64
   });
 }
 
+// db[c] = the sum over (b, i, j, lanes) of g[b, i, j, c, :] (where y > 0 with `relu`): the bias
+// gradient of a pooled layer, whose unpooled gradient holds the same values, for every item of
+// the leading axes; g and y (B, h, w, C, NB) per item. Per-lane sums in order, then `lane_sum`.
+template <typename T, int NB>
+void pooled_bias_grad(ffi::ThreadPool& pool, int64_t items, int64_t pixels, int64_t C,
+                      const PooledGrad<T>& p, T* db) {
+  parallel_for(pool, items, [=, &p](int64_t n) {
+    const T* g = p.g + p.go.offsets[n];
+    const T* y = p.y + p.yo.offsets[n];
+    std::vector<Vec<T>> sums(C, Vec<T>{});
+    for (int64_t e = 0; e < pixels * C * NB; e += kLanes<T>) {  // in memory order
+      const Vec<T> v = load(g + e);
+      sums[e / NB % C] += p.relu ? (load(y + e) > 0 ? v : Vec<T>{}) : v;
+    }
+    for (int64_t c = 0; c < C; ++c) db[n * C + c] = lane_sum<T>(sums[c]);
+  });
+}
+
 ffi::Unexpected<ffi::Error> invalid(const char* message) {
   return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(message));
 }
@@ -649,7 +668,8 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
 // rectified) output y: dy = the pooling gradient of g (`pool_grad_row`), unpooled block by block.
 ffi::Error ConvWeightGradPooledImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
                                     ffi::AnyBuffer y, ffi::AnyBuffer index,
-                                    ffi::Result<ffi::AnyBuffer> dw, int64_t ph, int64_t pw,
+                                    ffi::Result<ffi::AnyBuffer> dw,
+                                    ffi::Result<ffi::AnyBuffer> db, int64_t ph, int64_t pw,
                                     bool relu) {
   auto s = shape_of(x.dimensions(), dw->dimensions(), ph, pw);
   if (s.has_error()) return s.error();
@@ -668,13 +688,18 @@ ffi::Error ConvWeightGradPooledImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi:
       return ffi::Error::InvalidArgument(
           "dd_jax conv: g, y and index must be (B, Ho/2, Wo/2, Co, NB) as x");
   }
-  auto types = {x.element_type(), g.element_type(), y.element_type(), dw->element_type()};
+  if (db->element_count() != lead.count * s->Co)
+    return ffi::Error::InvalidArgument("dd_jax conv: db must be (..., Co)");
+  auto types = {x.element_type(), g.element_type(), y.element_type(), dw->element_type(),
+                db->element_type()};
   return with_types(types, nb, [&](auto t, auto block) {
     using T = decltype(t);
     const PooledGrad<T> pooled{g.typed_data<T>(), go, y.typed_data<T>(), yo,
                                index.typed_data<int8_t>(), io, relu};
     conv_weight_grad<T, block>(pool, *s, lead.count, x.typed_data<T>(), xo, nullptr, xo,
                                dw->typed_data<T>(), &pooled);
+    pooled_bias_grad<T, block>(pool, lead.count, s->B * (s->Ho / 2) * (s->Wo / 2), s->Co, pooled,
+                               db->typed_data<T>());
     return ffi::Error::Success();
   });
 }
@@ -759,6 +784,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxConvWeightGradPooled, ConvWeightGradPooledImp
                                   .Arg<ffi::AnyBuffer>()  // y: the pooled, rectified output
                                   .Arg<ffi::AnyBuffer>()  // argmax index
                                   .Ret<ffi::AnyBuffer>()  // dw
+                                  .Ret<ffi::AnyBuffer>()  // db
                                   .Attr<int64_t>("padding_h")
                                   .Attr<int64_t>("padding_w")
                                   .Attr<bool>("relu"));
