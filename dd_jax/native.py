@@ -224,8 +224,11 @@ def _pooled_grads_bwd(pads, relu, residuals, cotangents):
     used = [not isinstance(c, jax.custom_derivatives.SymbolicZero) for c in cotangents]
 
     def grads(g, x, kernel):
-        out = _unpooled_grads(unpool(g, y, index, relu), x, kernel, pads)
-        return [o for o, u in zip(out, used) if u]
+        dx, dkernel, _ = _unpooled_grads(unpool(g, y, index, relu), x, kernel, pads)
+        # the bias gradient as the masked pooled g's sum (the same value): its transpose then
+        # stays at the pooled size
+        dbias = (jnp.where(y > 0, g, 0) if relu else g).sum((0, 1, 2, 4))
+        return [o for o, u in zip((dx, dkernel, dbias), used) if u]
 
     _, vjp = jax.vjp(grads, g, x, kernel)
     return (*vjp([c for c, u in zip(cotangents, used) if u]), None, None)
