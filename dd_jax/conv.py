@@ -5,8 +5,6 @@ gradient (`max_pool_blocks`, `max_pool_2x2`).
 """
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -105,13 +103,81 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, padding: int, pool: bool) -> 
     return max_pool_blocks(_pool_blocks(y)) if pool else y
 
 
-def _native_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: int, pool: bool,
-                 relu: bool) -> jax.Array:
-    """The layer's output (N, H, W, Ci) -> (N, Ho/s, Wo/s, Co) from the C++ kernels
-    (`dd_jax.native`, CPU only), pooled, biased and rectified there, in their blocked layout
-    (so XLA cancels the layout changes between layers)."""
-    y = native.conv_layer(native.to_blocked(x), kernel, bias, padding, pool, relu)
-    return native.from_blocked(y, x.shape[0])
+ConvSpec = tuple  # one layer: (kernel (kh, kw, Ci, Co), bias (Co,), padding, pool, relu)
+
+
+def _xla_conv_layer(x: jax.Array, layer: ConvSpec, patches_up_to: int) -> jax.Array:
+    """One layer in XLA: (N, H, W, Ci) -> (N, Ho/s, Wo/s, Co), from im2col patches for batches
+    of at most `patches_up_to` images, else as a row-Toeplitz matmul; + bias, relu."""
+    kernel, bias, padding, pool, relu = layer
+    n, s = x.shape[0], 2 if pool else 1
+    ho, wo = (x.shape[1 + a] + 2 * padding - kernel.shape[a] + 1 for a in (0, 1))
+    conv = _patches_conv if n <= patches_up_to else _toeplitz_conv
+    out = conv(x, kernel, padding, pool).reshape(n, ho // s, wo // s, -1) + bias
+    return nn.relu(out) if relu else out
+
+
+def conv_layers(x: jax.Array, layers: list[ConvSpec], native_kernels: bool = False,
+                patches_up_to: int = 64) -> jax.Array:
+    """Convolution layers (kernel, bias, padding, pool, relu) applied in turn: each a stride-1
+    convolution (kernel HWIO (kh, kw, Ci, Co), zero padding), with ``pool`` 2x2 max pooling,
+    + bias (Co,), with ``relu`` rectified. x (N, H, W, C) -> (N, H', W', C').
+
+    In XLA (`ToeplitzConv`'s forms); with ``native_kernels``, on CPU where the C++ kernels of
+    `dd_jax.native` can be built, the whole chain in their blocked layout: the images are
+    blocked once and unblocked once, and the padding lanes of a block (zero images) carry
+    their own activations from layer to layer, which no output reads (their gradient is zero).
+    """
+    h, w = x.shape[1:3]
+    for kernel, _, padding, pool, _ in layers:
+        h, w = h + 2 * padding - kernel.shape[0] + 1, w + 2 * padding - kernel.shape[1] + 1
+        if pool and (h % 2 or w % 2):
+            raise ConfigError(f"2x2 pooling needs an even convolution output, got {h}x{w}")
+        h, w = (h // 2, w // 2) if pool else (h, w)
+    params = [a for kernel, bias, *_ in layers for a in (kernel, bias)]
+    statics = [tuple(rest) for _, _, *rest in layers]
+
+    def unflatten(params):
+        return [(k, b, *rest) for k, b, rest in zip(params[::2], params[1::2], statics)]
+
+    def in_xla(x, *params):
+        for layer in unflatten(params):
+            x = _xla_conv_layer(x, layer, patches_up_to)
+        return x
+
+    def on_cpu(x, *params):
+        y = native.to_blocked(x)
+        for kernel, bias, padding, pool, relu in unflatten(params):
+            y = native.conv_layer(y, kernel, bias, padding, pool, relu)
+        return native.from_blocked(y, x.shape[0])
+
+    if native_kernels and native.enabled():
+        return jax.lax.platform_dependent(x, *params, cpu=on_cpu, default=in_xla)
+    return in_xla(x, *params)
+
+
+def conv_params(module: nn.Module, kernel_size: tuple[int, int], in_features: int,
+                features: int) -> tuple[jax.Array, jax.Array]:
+    """Declares a convolution's parameters on `module` (from its compact method), as
+    ``nn.Conv`` does: ``kernel`` (kh, kw, in_features, features), LeCun normal, then ``bias``
+    (features,), zeros. Returns (kernel, bias)."""
+    kernel = module.param("kernel", nn.initializers.lecun_normal(),
+                          (*kernel_size, in_features, features))
+    return kernel, module.param("bias", nn.initializers.zeros_init(), (features,))
+
+
+class ConvParams(nn.Module):
+    """A convolution layer's parameters only (`conv_params`), for a model that applies its
+    layers together with `conv_layers`: ``ConvParams(features, kernel_size, name=...)(
+    in_features) -> (kernel, bias)``, the parameter tree (and initial values) of
+    `ToeplitzConv` of the same name."""
+
+    features: int
+    kernel_size: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        return conv_params(self, self.kernel_size, in_features, self.features)
 
 
 class ToeplitzConv(nn.Module):
@@ -149,28 +215,9 @@ class ToeplitzConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kh, kw = self.kernel_size
-        n, _, _, cin = x.shape
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (kh, kw, cin, self.features)
-        )
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        s = 2 if self.pool else 1
-        ho = x.shape[1] + 2 * self.padding - kh + 1
-        wo = x.shape[2] + 2 * self.padding - kw + 1
-        if ho % s or wo % s:
-            raise ConfigError(f"2x2 pooling needs an even convolution output, got {ho}x{wo}")
-        conv = _patches_conv if n <= self.patches_up_to else _toeplitz_conv
-
-        def in_xla(x, kernel, bias):
-            out = conv(x, kernel, self.padding, self.pool).reshape(n, ho // s, wo // s, -1) + bias
-            return nn.relu(out) if self.relu else out
-
-        if self.native and native.enabled():
-            on_cpu = functools.partial(_native_conv, padding=self.padding, pool=self.pool,
-                                       relu=self.relu)
-            return jax.lax.platform_dependent(x, kernel, bias, cpu=on_cpu, default=in_xla)
-        return in_xla(x, kernel, bias)
+        kernel, bias = conv_params(self, self.kernel_size, x.shape[-1], self.features)
+        layer = (kernel, bias, self.padding, self.pool, self.relu)
+        return conv_layers(x, [layer], self.native, self.patches_up_to)
 
 
 # What a model's ``conv`` field selects: the same function, the same parameters.

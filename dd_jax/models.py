@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dd_jax.conv import ToeplitzConv, conv5x5, max_pool_2x2
+from dd_jax.conv import ConvParams, conv5x5, conv_layers, max_pool_2x2
 from dd_jax.errors import ConfigError
 
 Params = Any
@@ -58,16 +58,14 @@ class LeNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         pad = 2 if x.shape[1] == 28 else 0
-
-        def conv_pool_relu(x, features, padding, name):
-            """relu(max_pool_2x2(conv(x))): the same as pooling relu(conv(x))."""
-            if self.conv in ("native", "toeplitz"):
-                return ToeplitzConv(features, (5, 5), padding, pool=True, relu=True,
-                                    native=self.conv == "native", name=name)(x)
-            return nn.relu(max_pool_2x2(conv5x5(self.conv, features, padding, name, "LeNet")(x)))
-
-        x = conv_pool_relu(x, 6, pad, "conv1")
-        x = conv_pool_relu(x, 16, 0, "conv2")
+        if self.conv in ("native", "toeplitz"):  # both layers in one `conv_layers` chain
+            k1, b1 = ConvParams(6, (5, 5), name="conv1")(x.shape[-1])
+            k2, b2 = ConvParams(16, (5, 5), name="conv2")(6)
+            x = conv_layers(x, [(k1, b1, pad, True, True), (k2, b2, 0, True, True)],
+                            native_kernels=self.conv == "native")
+        else:  # relu(max_pool_2x2(conv(x))): the same as pooling relu(conv(x))
+            for features, padding, name in ((6, pad, "conv1"), (16, 0, "conv2")):
+                x = nn.relu(max_pool_2x2(conv5x5(self.conv, features, padding, name, "LeNet")(x)))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(120, name="fc1")(x))
         x = nn.relu(nn.Dense(84, name="fc2")(x))
