@@ -8,8 +8,10 @@ batch is ``--blocks=32 --lanes=32``). Each kernel runs `calls` times in one jitt
 ``lax.scan``, so the time per call includes XLA's per-op overhead but no dispatch from Python.
 The FLOPs are the layer's useful multiply-adds (the forward convolution's, also for its input
 and kernel gradients, whose padded borders the kernels skip), padding lanes counted; the
-pooling gradients move memory only (GB/s of the bytes read and written). Prints one JSON line
-per kernel and a markdown table.
+pooling gradients move memory only (GB/s of the bytes read and written). The kernel gradient
+"from the pooled gradient" unpools the gradient itself (the pooled layers' backward pass);
+compare it with the kernel gradient plus the unpool. Prints one JSON line per kernel and a
+markdown table.
 """
 from __future__ import annotations
 
@@ -68,6 +70,10 @@ def cases(nets: int, blocks: int, lanes: int) -> list[tuple[str, callable, tuple
         _, index = jax.vmap(lambda x, w, b: native._layer_call(x, w, b, (pad, pad), True, True))(x, w, b)
         moved = 4.0 * (dy.size + 2 * y.size) + index.size
         out += [
+            (f"{layer} kernel and bias gradient from the pooled gradient",
+             jax.vmap(lambda x, g, y, i, pad=pad, hw=k[:2]:
+                      native.conv_weight_grad_pooled(x, g, y, i, (pad, pad), hw, True)),
+             (x, y, y, index), flops, 0.0),
             (f"{layer} unpool (pooling gradient)",
              jax.vmap(lambda g, y, i: native.unpool(g, y, i, True)), (y, y, index), 0.0, moved),
             (f"{layer} pool_gather (its transpose)",
