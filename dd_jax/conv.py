@@ -1,7 +1,8 @@
 """The 5x5 convolution layers of LeNet and AlexCifarNet, three ways with one function and
 one set of parameters (`CONVS`): the C++ kernels of `dd_jax.native` on CPU, a row-Toeplitz
-matmul in XLA (`ToeplitzConv`), or ``flax.linen.Conv``; and 2x2 max pooling with PyTorch's
-gradient (`max_pool_blocks`, `max_pool_2x2`).
+matmul in XLA (`ToeplitzConv`, a chain of one layer of `conv_layers`, which LeNet runs its
+two through), or ``flax.linen.Conv``; and 2x2 max pooling with PyTorch's gradient
+(`max_pool_blocks`, `max_pool_2x2`).
 """
 from __future__ import annotations
 
