@@ -135,26 +135,23 @@ def conv_layers(x: jax.Array, layers: list[ConvSpec], native_kernels: bool = Fal
         if pool and (h % 2 or w % 2):
             raise ConfigError(f"2x2 pooling needs an even convolution output, got {h}x{w}")
         h, w = (h // 2, w // 2) if pool else (h, w)
-    params = [a for kernel, bias, *_ in layers for a in (kernel, bias)]
+    params = [(kernel, bias) for kernel, bias, *_ in layers]  # the arrays; the rest is static
     statics = [tuple(rest) for _, _, *rest in layers]
 
-    def unflatten(params):
-        return [(k, b, *rest) for k, b, rest in zip(params[::2], params[1::2], statics)]
-
-    def in_xla(x, *params):
-        for layer in unflatten(params):
-            x = _xla_conv_layer(x, layer, patches_up_to)
+    def in_xla(x, params):
+        for (kernel, bias), rest in zip(params, statics):
+            x = _xla_conv_layer(x, (kernel, bias, *rest), patches_up_to)
         return x
 
-    def on_cpu(x, *params):
+    def on_cpu(x, params):
         y = native.to_blocked(x)
-        for kernel, bias, padding, pool, relu in unflatten(params):
+        for (kernel, bias), (padding, pool, relu) in zip(params, statics):
             y = native.conv_layer(y, kernel, bias, padding, pool, relu)
         return native.from_blocked(y, x.shape[0])
 
     if native_kernels and native.enabled():
-        return jax.lax.platform_dependent(x, *params, cpu=on_cpu, default=in_xla)
-    return in_xla(x, *params)
+        return jax.lax.platform_dependent(x, params, cpu=on_cpu, default=in_xla)
+    return in_xla(x, params)
 
 
 def conv_params(module: nn.Module, kernel_size: tuple[int, int], in_features: int,
