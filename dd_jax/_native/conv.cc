@@ -434,6 +434,18 @@ struct PooledGrad {
   bool relu;
 };
 
+// Unpools `rows` consecutive pooled rows of item n of `p` (each (w, C, NB)), from pooled row
+// `first` (counted across the item's blocks), into `out` (2 rows, 2w wide, for each).
+template <typename T, int NB>
+inline void unpool_rows(const PooledGrad<T>& p, int64_t n, int64_t first, int64_t rows, int64_t w,
+                        int64_t C, T* out) {
+  const int64_t prow = w * C * NB;
+  for (int64_t i = 0, at = first * prow; i < rows; ++i, at += prow)
+    pool_grad_row<T, NB>(w, C, p.g + p.go.offsets[n] + at, out + i * 4 * prow,
+                         p.y + p.yo.offsets[n] + at, p.index + p.io.offsets[n] + at, p.relu,
+                         false);
+}
+
 // dw for every item of the leading axes, from dy, or with `pooled` from the pooling gradient
 // (dy is then unpooled one block at a time into a buffer of the task's: never all of it in
 // memory). The work is split into (item, chunk of blocks) tasks, each chunk with its own
@@ -452,19 +464,17 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
   const int64_t tasks = 2 * std::max<int64_t>(1, pool.num_threads());
   const int64_t chunks = std::min<int64_t>(s.B, std::max<int64_t>(1, tasks / items));
   const int64_t splits = items * chunks < tasks ? s.kh : 1;  // of the rows di
-  const int64_t prow = s.Wo / 2 * s.Co * NB;  // one pooled row of `pooled`
+  const int64_t block = s.Ho * s.Wo * s.Co * NB, pooled_rows = s.Ho / 2;  // per block
   if (pooled && splits > 1) {  // every split would unpool the same blocks: unpool them once
-    const int64_t block = s.Ho * s.Wo * s.Co * NB, rows = s.B * s.Ho / 2;
+    const int64_t rows = s.B * pooled_rows, unpooled_rows = block / pooled_rows;  // 2 per row
     std::unique_ptr<T[]> unpooled(new T[items * s.B * block]);
     Operand uo;
     for (int64_t n = 0; n < items; ++n) uo.offsets.push_back(n * s.B * block);
-    const PooledGrad<T>& p = *pooled;
     T* u = unpooled.get();
-    parallel_for(pool, items * rows, [=, &p](int64_t task) {
-      const int64_t n = task / rows, at = task % rows * prow;
-      pool_grad_row<T, NB>(s.Wo / 2, s.Co, p.g + p.go.offsets[n] + at, u + n * s.B * block + 4 * at,
-                           p.y + p.yo.offsets[n] + at, p.index + p.io.offsets[n] + at, p.relu,
-                           false);
+    parallel_for(pool, items * rows, [=](int64_t task) {
+      const int64_t n = task / rows, row = task % rows;
+      unpool_rows<T, NB>(*pooled, n, row, 1, s.Wo / 2, s.Co,
+                         u + n * s.B * block + row * unpooled_rows);
     });
     conv_weight_grad<T, NB>(pool, s, items, x, xo, u, uo, dw);
     return;
@@ -478,18 +488,15 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
     const int64_t di_lo = split * s.kh / splits, di_hi = (split + 1) * s.kh / splits;
     Vec<T>* part = parts_data + (n * chunks + chunk) * K;
     std::fill(part + di_lo * s.kw * s.Ci * s.Co, part + di_hi * s.kw * s.Ci * s.Co, Vec<T>{});
-    std::unique_ptr<T[]> unpooled(pooled ? new T[s.Ho * s.Wo * s.Co * NB] : nullptr);
+    std::unique_ptr<T[]> unpooled(pooled ? new T[block] : nullptr);
     for (int64_t b = chunk * s.B / chunks; b < (chunk + 1) * s.B / chunks; ++b) {
       const T* xb = x + xo.offsets[n] + b * s.H * s.W * s.Ci * NB;
-      const T* dyb = pooled ? nullptr : dy + dyo.offsets[n] + b * s.Ho * s.Wo * s.Co * NB;
-      if (pooled) {
-        const PooledGrad<T>& p = *pooled;
-        for (int64_t i = 0, at = b * s.Ho / 2 * prow; i < s.Ho / 2; ++i, at += prow)
-          pool_grad_row<T, NB>(s.Wo / 2, s.Co, p.g + p.go.offsets[n] + at,
-                               unpooled.get() + i * 4 * prow, p.y + p.yo.offsets[n] + at,
-                               p.index + p.io.offsets[n] + at, p.relu, false);
-        dyb = unpooled.get();
-      }
+      const T* dyb = unpooled.get();
+      if (pooled)
+        unpool_rows<T, NB>(*pooled, n, b * pooled_rows, pooled_rows, s.Wo / 2, s.Co,
+                           unpooled.get());
+      else
+        dyb = dy + dyo.offsets[n] + b * block;
       for (int64_t di = di_lo; di < di_hi; ++di) {
         if (s.Ci == 1) {
           for (int64_t dj0 = 0; dj0 < s.kw; dj0 += kMaxDJ)
@@ -688,7 +695,7 @@ ffi::Error ConvWeightGradPooledImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi:
       return ffi::Error::InvalidArgument(
           "dd_jax conv: g, y and index must be (B, Ho/2, Wo/2, Co, NB) as x");
   }
-  if (db->element_count() != lead.count * s->Co)
+  if (static_cast<int64_t>(db->element_count()) != lead.count * s->Co)
     return ffi::Error::InvalidArgument("dd_jax conv: db must be (..., Co)");
   auto types = {x.element_type(), g.element_type(), y.element_type(), dw->element_type(),
                 db->element_type()};
