@@ -204,14 +204,13 @@ inline void forward_pixels(const Shape& s, const T* xb, const T* w, const T* bia
 }
 
 // Pooled pixel (i, j) of 2x2 max pooling from acc[k], the output pixels (2i+u, 2j+v) at
-// k = 2u + v: their max and which one, the first in that order on ties (as PyTorch's
-// MaxPool2d); bias and relu after the max (the same as before it).
-template <typename T, int NB, int CB>
-inline void store_pooled(const Shape& s, Vec<T> (&acc)[4][CB][kRegsPerBlock<T, NB>],
-                         const T* bias, bool relu, T* y, int8_t* index, int64_t i, int64_t j,
-                         int64_t co0) {
-  constexpr int R = kRegsPerBlock<T, NB>;
-  const int64_t at = ((i * (s.Wo / 2) + j) * s.Co + co0) * NB;
+// k = 2u + v, R registers of lanes from lane0: their max and which one, the first in that
+// order on ties (as PyTorch's MaxPool2d); bias and relu after the max (the same as before it).
+template <typename T, int NB, int CB, int R = kRegsPerBlock<T, NB>>
+inline void store_pooled(const Shape& s, Vec<T> (&acc)[4][CB][R], const T* bias, bool relu,
+                         T* y, int8_t* index, int64_t i, int64_t j, int64_t co0,
+                         int64_t lane0 = 0) {
+  const int64_t at = ((i * (s.Wo / 2) + j) * s.Co + co0) * NB + lane0;
   for (int c = 0; c < CB; ++c)
     for (int r = 0; r < R; ++r) {
       Vec<T> best = acc[0][c][r];
@@ -246,6 +245,56 @@ inline void forward_pool_pixel_inside(const Shape& s, const T* xb, const T* w, c
   Vec<T> acc[4][CB][kRegsPerBlock<T, NB>];
   accumulate_tile<T, NB, CB, 2, 2>(s, xb, w, 2 * i, 2 * j, 0, s.kh, co0, acc);
   store_pooled<T, NB, CB>(s, acc, bias, relu, y, index, i, j, co0);
+}
+
+// A single input channel (Ci = 1) with 2x2 max pooling: pooled row i of one block, output
+// channels co0 .. co0+CB-1, for a kernel KW wide. xrows (kh + 1, W + 2 pw, NB) holds input rows
+// 2i-ph .. 2i+kh-ph (zero outside x) with their columns zero-padded. One register of lanes at
+// a time; per kernel row the KW x CB weights stay in registers, and each input loaded feeds
+// both output columns of the pooling window that meet it (the same sums in the same order as
+// `forward_pool_pixel_inside`'s, the padding's zeros included).
+template <typename T, int NB, int KW, int CB>
+inline void forward_pool_row_one_channel(const Shape& s, const T* xrows, const T* w,
+                                         const T* bias, bool relu, T* y, int8_t* index,
+                                         int64_t i, int64_t co0) {
+  const int64_t wp = s.W + 2 * s.pw;
+  for (int64_t lane0 = 0; lane0 < NB; lane0 += kLanes<T>)
+    for (int64_t j = 0; j < s.Wo / 2; ++j) {
+      Vec<T> acc[4][CB][1];
+      for (int k = 0; k < 4; ++k)
+        for (int c = 0; c < CB; ++c) acc[k][c][0] = Vec<T>{};
+      for (int64_t di = 0; di < s.kh; ++di) {
+        Vec<T> wv[KW][CB];
+        for (int dj = 0; dj < KW; ++dj)
+          for (int c = 0; c < CB; ++c)  // w - 0: the weight in every lane (w + 0 is not w at -0)
+            wv[dj][c] = w[(di * KW + dj) * s.Co + co0 + c] - Vec<T>{};
+        for (int u = 0; u < 2; ++u) {
+          const T* xr = xrows + ((u + di) * wp + 2 * j) * NB + lane0;
+#pragma GCC unroll 8
+          for (int col = 0; col <= KW; ++col) {  // input column 2j + col meets taps col, col-1
+            const Vec<T> xv = load(xr + col * NB);
+            for (int v = 0; v < 2; ++v)
+              if (col - v >= 0 && col - v < KW)
+                for (int c = 0; c < CB; ++c) acc[2 * u + v][c][0] += xv * wv[col - v][c];
+          }
+        }
+      }
+      store_pooled<T, NB, CB, 1>(s, acc, bias, relu, y, index, i, j, co0, lane0);
+    }
+}
+
+// Input row h of a single-channel block xb (Ci = 1; zero outside x) into `row` (W + 2 pw, NB),
+// with pw zero columns on both sides.
+template <typename T, int NB>
+inline void padded_row(const Shape& s, const T* xb, int64_t h, T* row) {
+  const int64_t wp = s.W + 2 * s.pw;
+  if (h < 0 || h >= s.H) {
+    std::fill(row, row + wp * NB, T{0});
+    return;
+  }
+  std::fill(row, row + s.pw * NB, T{0});
+  std::memcpy(row + s.pw * NB, xb + h * s.W * NB, s.W * NB * sizeof(T));
+  std::fill(row + (s.pw + s.W) * NB, row + wp * NB, T{0});
 }
 
 // Where each operand's data for item n of the leading axes starts: `offsets[n]` elements in.
@@ -293,7 +342,7 @@ void conv_forward(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T*
   constexpr int R = kRegsPerBlock<T, NB>;
   const int64_t rows = max_pool ? s.Ho / 2 : s.Ho, cols = max_pool ? s.Wo / 2 : s.Wo;
   // accumulators in registers: four output pixels' with pooling
-  constexpr int64_t kMaxPoolCB = std::max(1, 6 / R), kMaxCB = 16 / R;
+  constexpr int64_t kMaxPoolCB = std::max(1, 6 / R), kMaxCB = 16 / R, kMaxOneChannelKW = 5;
   const int64_t max_cb = max_pool ? kMaxPoolCB : kMaxCB;
   const int64_t out_item = s.B * rows * cols * s.Co * NB;
   parallel_for(pool, items * s.B * rows, [=, &xo, &wo, &bo](int64_t task) {
@@ -302,6 +351,20 @@ void conv_forward(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T*
     const T* wn = w + wo.offsets[n];
     const T* bn = bias + bo.offsets[n];
     const int64_t out = n * out_item + b * rows * cols * s.Co * NB;
+    if (max_pool && s.Ci == 1 && s.kw <= kMaxOneChannelKW) {
+      std::unique_ptr<T[]> xrows(new T[(s.kh + 1) * (s.W + 2 * s.pw) * NB]);
+      for (int64_t r = 0; r <= s.kh; ++r)  // input rows 2i-ph .. 2i+kh-ph
+        padded_row<T, NB>(s, xb, 2 * i - s.ph + r, xrows.get() + r * (s.W + 2 * s.pw) * NB);
+      constexpr int64_t kOneChannelCB = 3;  // 12 accumulators, 5 x 3 weights in registers
+      for (int64_t co0 = 0; co0 < s.Co; co0 += kOneChannelCB)
+        with_static<kMaxOneChannelKW>(s.kw, [&](auto kw) {
+          with_static<kOneChannelCB>(std::min(kOneChannelCB, s.Co - co0), [&](auto cb) {
+            forward_pool_row_one_channel<T, NB, kw, cb>(s, xrows.get(), wn, bn, relu, y + out,
+                                                         index + out, i, co0);
+          });
+        });
+      return;
+    }
     for (int64_t co0 = 0; co0 < s.Co; co0 += max_cb)
       with_static<kMaxCB>(std::min(max_cb, s.Co - co0), [&](auto cb) {
         if constexpr (cb <= kMaxPoolCB) {
@@ -392,21 +455,27 @@ inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* 
   }
 }
 
-// A single input channel (Ci = 1): kernel columns dj0 .. dj0+DJ-1 of row di, output channels
-// co0..: one `weight_grad_tile` over the DJ columns together where all of them lie inside x
-// (each pixel's DJ neighbouring inputs and CB output gradients loaded once for DJ x CB
-// multiply-adds; a tile over the one channel would load CB + 1 registers for CB), the
-// columns where some fall into the padding one kernel column at a time.
+// A single input channel (Ci = 1), output row i: the sums over its pixels for kernel row di,
+// columns dj0 .. dj0+DJ-1, output channels co0 .. co0+CB-1, lanes lane0.. (one register), in
+// DJ x CB register accumulators added to the per-lane partial sums at the end: each pixel's CB
+// output gradients and DJ inputs loaded once feed DJ x CB multiply-adds. xrow is input row
+// i+di-ph with its columns zero-padded (column c of x at c + pw), dyrow dy's row i (Wo, Co, NB).
 template <typename T, int NB, int DJ, int CB>
-inline void weight_grad_columns_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* part,
-                                     int64_t di, int64_t dj0, int64_t co0) {
-  const int64_t j0 = std::min(s.Wo, std::max<int64_t>(0, s.pw - dj0));
-  const int64_t j1 = std::max(j0, std::min(s.Wo, s.W + s.pw - (dj0 + DJ - 1)));
-  weight_grad_tile<T, NB, DJ, CB>(s, xb, dyb, part, di, dj0, 0, co0, j0, j1);
-  for (int a = 0; a < DJ; ++a) {
-    weight_grad_tile<T, NB, 1, CB>(s, xb, dyb, part, di, dj0 + a, 0, co0, 0, j0);
-    weight_grad_tile<T, NB, 1, CB>(s, xb, dyb, part, di, dj0 + a, 0, co0, j1, s.Wo);
+inline void weight_grad_row_tile(const Shape& s, const T* xrow, const T* dyrow, Vec<T>* part,
+                                 int64_t di, int64_t dj0, int64_t co0, int64_t lane0) {
+  Vec<T> acc[DJ][CB];
+  for (int a = 0; a < DJ; ++a)
+    for (int c = 0; c < CB; ++c) acc[a][c] = Vec<T>{};
+  for (int64_t j = 0; j < s.Wo; ++j) {
+    Vec<T> d[CB];
+    for (int c = 0; c < CB; ++c) d[c] = load(dyrow + (j * s.Co + co0 + c) * NB + lane0);
+    for (int a = 0; a < DJ; ++a) {
+      const Vec<T> xv = load(xrow + (j + dj0 + a) * NB + lane0);
+      for (int c = 0; c < CB; ++c) acc[a][c] += xv * d[c];
+    }
   }
+  for (int a = 0; a < DJ; ++a)
+    for (int c = 0; c < CB; ++c) part[(di * s.kw + dj0 + a) * s.Co + co0 + c] += acc[a][c];
 }
 
 // The sum of v's lanes, pairwise: lanes l and l + half, then the halves of the halves (four
@@ -446,6 +515,41 @@ inline void unpool_rows(const PooledGrad<T>& p, int64_t n, int64_t first, int64_
                          false);
 }
 
+// A single input channel (Ci = 1): one block's sums for kernel rows [di_lo, di_hi), output row
+// by output row, so that the row of dy and the input rows it meets stay in L1 across every
+// (kernel row, kernel columns, output channels, lanes) pass over them. dy is block b of item n
+// of `pooled` unpooled two rows at a time into `rows` (2, Wo, Co, NB), or without it dyb
+// (Ho, Wo, Co, NB). xpad (H, W + 2 pw, NB) receives the block's input with its columns
+// zero-padded.
+template <typename T, int NB>
+void weight_grad_one_channel(const Shape& s, const T* xb, const T* dyb,
+                             const PooledGrad<T>* pooled, int64_t n, int64_t b, T* rows,
+                             T* xpad, Vec<T>* part, int64_t di_lo, int64_t di_hi) {
+  constexpr int64_t kMaxDJ = 5, kMaxCB = 4;
+  const int64_t wp = s.W + 2 * s.pw, dy_row = s.Wo * s.Co * NB;
+  for (int64_t h = 0; h < s.H; ++h) padded_row<T, NB>(s, xb, h, xpad + h * wp * NB);
+  const int64_t tiles = (s.Co + kMaxCB - 1) / kMaxCB, cb = (s.Co + tiles - 1) / tiles;
+  for (int64_t i = 0; i < s.Ho; ++i) {
+    const T* dyrow = dyb + i * dy_row;
+    if (pooled) {
+      if (i % 2 == 0)
+        unpool_rows<T, NB>(*pooled, n, b * (s.Ho / 2) + i / 2, 1, s.Wo / 2, s.Co, rows);
+      dyrow = rows + i % 2 * dy_row;
+    }
+    const int64_t di0 = std::max(di_lo, s.ph - i), di1 = std::min(di_hi, s.H + s.ph - i);
+    for (int64_t lane0 = 0; lane0 < NB; lane0 += kLanes<T>)
+      for (int64_t di = di0; di < di1; ++di)
+        for (int64_t dj0 = 0; dj0 < s.kw; dj0 += kMaxDJ)
+          for (int64_t co0 = 0; co0 < s.Co; co0 += cb)
+            with_static<kMaxDJ>(std::min(kMaxDJ, s.kw - dj0), [&](auto dj) {
+              with_static<kMaxCB>(std::min(cb, s.Co - co0), [&](auto c) {
+                weight_grad_row_tile<T, NB, dj, c>(s, xpad + (i + di - s.ph) * wp * NB, dyrow,
+                                                   part, di, dj0, co0, lane0);
+              });
+            });
+  }
+}
+
 // dw for every item of the leading axes, from dy, or with `pooled` from the pooling gradient
 // (dy is then unpooled one block at a time into a buffer of the task's: never all of it in
 // memory). The work is split into (item, chunk of blocks) tasks, each chunk with its own
@@ -455,7 +559,7 @@ template <typename T, int NB>
 void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, const T* x,
                       const Operand& xo, const T* dy, const Operand& dyo, T* dw,
                       const PooledGrad<T>* pooled = nullptr) {
-  constexpr int64_t kMaxCIB = 6, kMaxCB = 4, kMaxDJ = 4, kMaxColumnsCB = 6;
+  constexpr int64_t kMaxCIB = 6, kMaxCB = 4;
   const int64_t K = s.kh * s.kw * s.Ci * s.Co;
   if (items == 0 || s.B == 0) {  // no items, or no images: a zero gradient
     std::fill(dw, dw + items * K, T{0});
@@ -488,6 +592,15 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
     const int64_t di_lo = split * s.kh / splits, di_hi = (split + 1) * s.kh / splits;
     Vec<T>* part = parts_data + (n * chunks + chunk) * K;
     std::fill(part + di_lo * s.kw * s.Ci * s.Co, part + di_hi * s.kw * s.Ci * s.Co, Vec<T>{});
+    if (s.Ci == 1) {  // dy two rows at a time (pooled), the input padded
+      std::unique_ptr<T[]> rows(pooled ? new T[2 * s.Wo * s.Co * NB] : nullptr);
+      std::unique_ptr<T[]> xpad(new T[s.H * (s.W + 2 * s.pw) * NB]);
+      for (int64_t b = chunk * s.B / chunks; b < (chunk + 1) * s.B / chunks; ++b)
+        weight_grad_one_channel<T, NB>(s, x + xo.offsets[n] + b * s.H * s.W * NB,
+                                       pooled ? nullptr : dy + dyo.offsets[n] + b * block,
+                                       pooled, n, b, rows.get(), xpad.get(), part, di_lo, di_hi);
+      return;
+    }
     std::unique_ptr<T[]> unpooled(pooled ? new T[block] : nullptr);
     for (int64_t b = chunk * s.B / chunks; b < (chunk + 1) * s.B / chunks; ++b) {
       const T* xb = x + xo.offsets[n] + b * s.H * s.W * s.Ci * NB;
@@ -498,16 +611,6 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
       else
         dyb = dy + dyo.offsets[n] + b * block;
       for (int64_t di = di_lo; di < di_hi; ++di) {
-        if (s.Ci == 1) {
-          for (int64_t dj0 = 0; dj0 < s.kw; dj0 += kMaxDJ)
-            for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxColumnsCB)
-              with_static<kMaxDJ>(std::min(kMaxDJ, s.kw - dj0), [&](auto dj) {
-                with_static<kMaxColumnsCB>(std::min(kMaxColumnsCB, s.Co - co0), [&](auto cb) {
-                  weight_grad_columns_tile<T, NB, dj, cb>(s, xb, dyb, part, di, dj0, co0);
-                });
-              });
-          continue;
-        }
         for (int64_t dj = 0; dj < s.kw; ++dj)
           for (int64_t ci0 = 0; ci0 < s.Ci; ci0 += kMaxCIB)
             for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxCB)
