@@ -158,9 +158,13 @@ AWKWARD = [  # (batch, image hw, kernel hw, padding, pool, in channels, out chan
     pytest.param(65, (9, 7), (3, 2), 1, False, 7, 5, id="7to5-batch65"),
     pytest.param(70, (10, 10), (5, 5), 2, True, 5, 7, id="5to7-pool-batch70"),
     pytest.param(70, (6, 9), (2, 4), 1, False, 13, 9, id="13to9-batch70"),
-    # one input channel (kernel gradient tiled over kernel columns), one output channel
-    # (output pixels side by side), a batch of 10 (one block of 16), as LeNet's inner loop
+    # one input channel (the pooled forward pass and the kernel gradient row by row over
+    # zero-padded input rows), one output channel (output pixels side by side), a batch of 10
+    # (one block of 16), as LeNet's inner loop
     pytest.param(10, (12, 12), (5, 5), 2, True, 1, 7, id="1to7-pool-batch10"),
+    # one input channel, a kernel 7 wide: the pooled forward pass by the general kernels, the
+    # kernel gradient's columns in groups of 5 and 2
+    pytest.param(10, (12, 12), (3, 7), 1, True, 1, 4, id="1to4-pool-7wide-batch10"),
     pytest.param(40, (9, 11), (3, 5), 2, False, 1, 3, id="1to3-batch40"),
     pytest.param(10, (12, 13), (5, 5), 2, False, 6, 1, id="6to1-batch10"),
     # an image narrower than the kernel's reach: every kernel column partly in the padding
