@@ -425,16 +425,14 @@ inline void pool_grad_row(int64_t w, int64_t C, const T* from, T* to, const T* y
     }
 }
 
-// Kernel row di, CIB consecutive (kernel column, input channel) entries from (dj, ci0) (input
-// channels ci0.. of column dj; with a single input channel, kernel columns dj..), output
-// channels co0..: CIB x CB register accumulators over the output pixels of one block in
-// columns [jlo, jhi), added to the per-lane partial sums. Columns are clamped to where kernel
-// column dj lies inside x; entries of later columns need [jlo, jhi) to keep them there too.
+// Kernel row di and column dj, input channels ci0 .. ci0+CIB-1, output channels
+// co0 .. co0+CB-1: CIB x CB register accumulators over the output pixels of one block where
+// the kernel entry lies inside x, added to the per-lane partial sums.
 template <typename T, int NB, int CIB, int CB>
 inline void weight_grad_tile(const Shape& s, const T* xb, const T* dyb, Vec<T>* part, int64_t di,
-                             int64_t dj, int64_t ci0, int64_t co0, int64_t jlo, int64_t jhi) {
+                             int64_t dj, int64_t ci0, int64_t co0) {
   const int64_t i0 = std::max<int64_t>(0, s.ph - di), i1 = std::min(s.Ho, s.H + s.ph - di);
-  const int64_t j0 = std::max<int64_t>(jlo, s.pw - dj), j1 = std::min(jhi, s.W + s.pw - dj);
+  const int64_t j0 = std::max<int64_t>(0, s.pw - dj), j1 = std::min(s.Wo, s.W + s.pw - dj);
   for (int64_t lane0 = 0; lane0 < NB; lane0 += kLanes<T>) {
     Vec<T> acc[CIB][CB];
     for (int a = 0; a < CIB; ++a)
@@ -616,7 +614,7 @@ void conv_weight_grad(ffi::ThreadPool& pool, const Shape& s, int64_t items, cons
             for (int64_t co0 = 0; co0 < s.Co; co0 += kMaxCB)
               with_static<kMaxCIB>(std::min(kMaxCIB, s.Ci - ci0), [&](auto cib) {
                 with_static<kMaxCB>(std::min(kMaxCB, s.Co - co0), [&](auto cb) {
-                  weight_grad_tile<T, NB, cib, cb>(s, xb, dyb, part, di, dj, ci0, co0, 0, s.Wo);
+                  weight_grad_tile<T, NB, cib, cb>(s, xb, dyb, part, di, dj, ci0, co0);
                 });
               });
       }
