@@ -13,8 +13,8 @@
 //   DdJaxConvWeightGrad:  dw[di, dj, ci, co] =
 //                           sum_{b, i, j, lanes} x[b, i+di-ph, j+dj-pw, ci, :] dy[b, i, j, co, :]
 //   DdJaxConvWeightGradPooled: the same from the gradient at the 2x2-max-pooled output (+ relu),
-//                         dy unpooled one block at a time (never all of it in memory), and
-//                         the bias gradient
+//                         dy unpooled a block at a time, two rows with one input channel
+//                         (never all of it in memory), and the bias gradient
 //   DdJaxUnpool:          the gradient of 2x2 max pooling (+ relu) from the argmax and the output
 //   DdJaxPoolGather:      its transpose (native.py: each is the other's derivative)
 // act is relu or the identity. The input gradient is DdJaxConvForward of dy with the flipped,
