@@ -528,12 +528,9 @@ void weight_grad_one_channel(const Shape& s, const T* xb, const T* dyb,
   for (int64_t h = 0; h < s.H; ++h) padded_row<T, NB>(s, xb, h, xpad + h * wp * NB);
   const int64_t tiles = (s.Co + kMaxCB - 1) / kMaxCB, cb = (s.Co + tiles - 1) / tiles;
   for (int64_t i = 0; i < s.Ho; ++i) {
-    const T* dyrow = dyb + i * dy_row;
-    if (pooled) {
-      if (i % 2 == 0)
-        unpool_rows<T, NB>(*pooled, n, b * (s.Ho / 2) + i / 2, 1, s.Wo / 2, s.Co, rows);
-      dyrow = rows + i % 2 * dy_row;
-    }
+    if (pooled && i % 2 == 0)
+      unpool_rows<T, NB>(*pooled, n, b * (s.Ho / 2) + i / 2, 1, s.Wo / 2, s.Co, rows);
+    const T* dyrow = pooled ? rows + i % 2 * dy_row : dyb + i * dy_row;
     const int64_t di0 = std::max(di_lo, s.ph - i), di1 = std::min(di_hi, s.H + s.ph - i);
     for (int64_t lane0 = 0; lane0 < NB; lane0 += kLanes<T>)
       for (int64_t di = di0; di < di1; ++di)
