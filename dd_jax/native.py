@@ -17,8 +17,8 @@ they are available; otherwise their pure-XLA convolutions (`dd_jax.conv.CONVS`).
 `conv_layer` (convolution, optionally 2x2 max pooling, bias and relu, in one pass) is
 differentiable to any order: its input gradient is a `conv` (flipped, transposed kernel), its
 kernel gradient `conv_weight_grad`, whose own gradients are `conv`s. With pooling, the kernel
-gradient unpools the pooling gradient itself, a block of images at a time, and the backward
-pass keeps only the pooled gradient for its own derivative (`unpool` recomputes the rest).
+gradient unpools the pooling gradient itself, piecewise (`conv_weight_grad_pooled`), and the
+backward pass keeps only the pooled gradient for its own derivative (`unpool` recomputes the rest).
 """
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def _unpooled_grads(dy, x, kernel, pads):
 def _pooled_grads(g, x, kernel, y, index, pads, relu):
     """`_unpooled_grads` of a pooled layer, from the gradient g (B, Ho/2, Wo/2, Co, NB) at its
     pooled output y: dy = unpool(g, y, index, relu). The kernel and bias gradients come from g
-    in one kernel call, which unpools dy a block at a time (so where the input gradient is not
+    in one kernel call, which unpools dy piecewise (so where the input gradient is not
     needed, as for the first layer, dy is never written out whole); the VJP recomputes dy from
     g rather than keeping it: a loop of steps then stores the pooled g, not the 4x larger dy
     (y and index get no gradient, as in `unpool`)."""
@@ -306,7 +306,8 @@ def conv_weight_grad_pooled(x: jax.Array, g: jax.Array, y: jax.Array, index: jax
                             relu: bool) -> tuple[jax.Array, jax.Array]:
     """The kernel and bias gradients of a pooled layer from the gradient g at its pooled
     output y: ``conv_weight_grad(x, dy, pads, kernel_hw)`` and ``dy.sum((0, 1, 2, 4))`` with
-    dy = unpool(g, y, index, relu), the kernel unpooling dy one block of images at a time.
+    dy = unpool(g, y, index, relu), the kernel unpooling dy a block of images at a time (with
+    one input channel, two rows at a time).
     x (B, H, W, Ci, NB), g, y and index (B, Ho/2, Wo/2, Co, NB) -> (kh, kw, Ci, Co), (Co,).
     Not differentiable itself: `conv_layer`'s backward pass differentiates the unfused form."""
     co = g.shape[3]
