@@ -17,6 +17,7 @@ import optax
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+StepFn = Callable[[Params, jax.Array, jax.Array, jax.Array], Params]
 
 
 # Inner loops of at most this many steps are unrolled in full (`inner_train`).
@@ -83,10 +84,13 @@ def checkpointed_scan(step: Callable, carry: Any, xs: jax.Array) -> Any:
 def inner_train(
     apply_fn: ApplyFn, params: Params, images: jax.Array, labels: jax.Array,
     step_sizes: jax.Array, epochs: int, remat: bool = False, loss_fn: LossFn = cross_entropy,
+    step_fn: StepFn | None = None,
 ) -> Params:
     """Trains from `params` on the distilled data; returns theta_T.
 
-    images (S, n, H, W, C), labels (S, n) or (S, n, K), step_sizes (S*epochs,). Reverse mode
+    images (S, n, H, W, C), labels (S, n) or (S, n, K), step_sizes (S*epochs,). `step_fn`
+    (params, x, y, lr) -> params, when given, is the step: the same function as `gd_step`
+    with `apply_fn` and `loss_fn`, computed another way (`models.Model.gd_step`). Reverse mode
     stores every step's activations; with ``remat`` the steps are recomputed in the backward
     pass instead (`checkpointed_scan`, step t indexing batch t mod S), so that its memory grows
     with sqrt(T) parameter sets, not with T steps' activations.
@@ -94,6 +98,8 @@ def inner_train(
 
     def step(p, batch):
         x, y, lr = batch
+        if step_fn is not None:
+            return step_fn(p, x, y, lr), None
         return gd_step(apply_fn, p, x, y, lr, loss_fn), None
 
     if remat:  # steps index their batch: the tiled xs would be T batches in memory

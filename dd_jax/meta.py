@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dd_jax.inner import ApplyFn, LossFn, cross_entropy, inner_train
+from dd_jax.inner import ApplyFn, LossFn, StepFn, cross_entropy, inner_train
 from dd_jax.unroll import InnerSpec, optimizer_train
 
 Params = Any
@@ -73,14 +73,15 @@ def meta_loss(
     learned: Learned, labels: jax.Array, init_params: Params, real_x: jax.Array,
     real_y: jax.Array, *, apply_fn: ApplyFn, epochs: int, remat: bool = False,
     loss_fn: LossFn = cross_entropy, inner: InnerSpec | None = None,
-    stop: jax.Array | None = None,
+    stop: jax.Array | None = None, step_fn: StepFn | None = None,
 ) -> jax.Array:
     """Mean over the n_nets initialisations (leading axis of init_params) of the real-batch
     loss after inner training. real_x (B, H, W, C), real_y (B,). `loss_fn` (outputs, targets)
     is both the inner training loss and the real-batch loss. The inner loop trains on
     learned.labels when they are learned (soft targets), else on `labels` (S, n).
 
-    inner None: plain GD through all T steps (`inner_train`); else `unroll.optimizer_train`
+    inner None: plain GD through all T steps (`inner_train`, its steps `step_fn` when given,
+    with loss_fn cross-entropy: `models.Model.gd_step`); else `unroll.optimizer_train`
     with that optimiser, and with inner.window > 0 the unroll stops at step `stop`, the window
     before it differentiated (the meta-loss is then taken at theta_stop).
     """
@@ -89,7 +90,7 @@ def meta_loss(
     def one_net(theta0):
         if inner is None:
             theta_t = inner_train(apply_fn, theta0, learned.images, targets, learned.step_sizes,
-                                  epochs, remat, loss_fn)
+                                  epochs, remat, loss_fn, step_fn)
         else:
             theta_t = optimizer_train(apply_fn, theta0, learned.images, targets,
                                       learned.step_sizes, epochs, inner, stop=stop, remat=remat,

@@ -43,14 +43,17 @@ from jax.sharding import PartitionSpec as P
 from dd_jax.errors import ConfigError
 
 BLOCKS = (16, 32)  # images per block: the innermost axis of the blocked layout
-SOURCE = Path(__file__).parent / "_native" / "conv.cc"
+NATIVE = Path(__file__).parent / "_native"
+SOURCES = (NATIVE / "conv.cc", NATIVE / "dense.cc")  # and the header they share, NATIVE / "common.h"
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC"]
 TARGETS = {"dd_jax_conv_forward": "DdJaxConvForward",
            "dd_jax_conv_pool_forward": "DdJaxConvPoolForward",
            "dd_jax_conv_weight_grad": "DdJaxConvWeightGrad",
            "dd_jax_conv_weight_grad_pooled": "DdJaxConvWeightGradPooled",
            "dd_jax_unpool": "DdJaxUnpool",
-           "dd_jax_pool_gather": "DdJaxPoolGather"}
+           "dd_jax_pool_gather": "DdJaxPoolGather",
+           "dd_jax_dense_step": "DdJaxDenseStep",
+           "dd_jax_dense_step_vjp": "DdJaxDenseStepVjp"}
 
 
 def _cpu_flags() -> str:
@@ -62,10 +65,11 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str) -> Path:
-    """Compiles SOURCE (once per source, compiler, jaxlib and CPU) and returns the library."""
+    """Compiles SOURCES (once per source, compiler, jaxlib and CPU) and returns the library."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    texts = [path.read_text() for path in sorted(NATIVE.glob("*.[ch]*"))]
     key = hashlib.sha256("\0".join(
-        [SOURCE.read_text(), " ".join(FLAGS), version, jaxlib.__version__, _cpu_flags()]
+        [*texts, " ".join(FLAGS), version, jaxlib.__version__, _cpu_flags()]
     ).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DD_JAX_CACHE_DIR") or Path.home() / ".cache" / "dd_jax")
     library = cache / f"dd_jax_conv_{key}.so"
@@ -75,7 +79,7 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # then an atomic rename: no half files
         built = Path(tmp) / library.name
         result = subprocess.run(
-            [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
+            [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(built)],
             capture_output=True, text=True,
         )
         if result.returncode:
@@ -129,8 +133,8 @@ def _transposed(pads: tuple[int, int], kernel_hw: tuple[int, int]) -> tuple[int,
     return kernel_hw[0] - 1 - pads[0], kernel_hw[1] - 1 - pads[1]
 
 
-def _ffi(target: str, results: list[tuple[tuple[int, ...], jnp.dtype]], *args: jax.Array,
-         **attrs) -> list[jax.Array]:
+def ffi_call(target: str, results: list[tuple[tuple[int, ...], jnp.dtype]], *args: jax.Array,
+             **attrs) -> list[jax.Array]:
     """Calls FFI `target` on `args` for results of the given (shape, dtype)s. Inside
     shard_map the results vary over the mesh axes that any argument varies over (the
     arguments are first made to vary over all of them)."""
@@ -146,9 +150,9 @@ def _ffi(target: str, results: list[tuple[tuple[int, ...], jnp.dtype]], *args: j
     return jax.ffi.ffi_call(target, out, vmap_method="expand_dims")(*args, **attrs)
 
 
-def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+def like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
     """The cotangent summed over the mesh axes it varies over and `primal` does not: the
-    transpose of `_ffi`'s cast of its arguments to vary (no-op outside shard_map)."""
+    transpose of `ffi_call`'s cast of its arguments to vary (no-op outside shard_map)."""
     extra = jax.typeof(cotangent).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying
     return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
@@ -160,10 +164,10 @@ def _layer_call(x, kernel, bias, pads, pool, relu):
     args = (x, kernel.astype(x.dtype), bias.astype(x.dtype))
     attrs = dict(padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]), relu=relu)
     if not pool:
-        y, = _ffi("dd_jax_conv_forward", [((b, ho, wo, co, lanes), x.dtype)], *args, **attrs)
+        y, = ffi_call("dd_jax_conv_forward", [((b, ho, wo, co, lanes), x.dtype)], *args, **attrs)
         return y, jnp.zeros((0,), jnp.int8)
     shape = (b, ho // 2, wo // 2, co, lanes)
-    y, index = _ffi("dd_jax_conv_pool_forward", [(shape, x.dtype), (shape, jnp.int8)], *args, **attrs)
+    y, index = ffi_call("dd_jax_conv_pool_forward", [(shape, x.dtype), (shape, jnp.int8)], *args, **attrs)
     return y, index
 
 
@@ -184,7 +188,7 @@ def _layer_bwd(pads, pool, relu, residuals, cotangents):
     else:
         g = jnp.where(y > 0, cotangents[0], 0) if relu else cotangents[0]
         dx, dkernel, dbias = _unpooled_grads(g, x, kernel, pads)
-    return _like(dx, x), _like(dkernel, kernel), _like(dbias, bias)
+    return like_primal(dx, x), like_primal(dkernel, kernel), like_primal(dbias, bias)
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)
@@ -275,7 +279,7 @@ def conv(x: jax.Array, kernel: jax.Array, padding: int | tuple[int, int]) -> jax
 
 
 def _weight_grad_call(x, dy, pads, kernel_hw):
-    dw, = _ffi("dd_jax_conv_weight_grad", [((*kernel_hw, x.shape[3], dy.shape[3]), x.dtype)],
+    dw, = ffi_call("dd_jax_conv_weight_grad", [((*kernel_hw, x.shape[3], dy.shape[3]), x.dtype)],
                x, dy, padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]))
     return dw
 
@@ -294,8 +298,8 @@ def _weight_grad_fwd(x, dy, pads, kernel_hw):
 
 def _weight_grad_bwd(pads, kernel_hw, residuals, g):
     x, dy = residuals
-    return (_like(conv(dy, _flip(g), _transposed(pads, kernel_hw)), x),
-            _like(conv(x, g, pads), dy))
+    return (like_primal(conv(dy, _flip(g), _transposed(pads, kernel_hw)), x),
+            like_primal(conv(x, g, pads), dy))
 
 
 conv_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
@@ -311,7 +315,7 @@ def conv_weight_grad_pooled(x: jax.Array, g: jax.Array, y: jax.Array, index: jax
     x (B, H, W, Ci, NB), g, y and index (B, Ho/2, Wo/2, Co, NB) -> (kh, kw, Ci, Co), (Co,).
     Not differentiable itself: `conv_layer`'s backward pass differentiates the unfused form."""
     co = g.shape[3]
-    dw, db = _ffi("dd_jax_conv_weight_grad_pooled",
+    dw, db = ffi_call("dd_jax_conv_weight_grad_pooled",
                   [((*kernel_hw, x.shape[3], co), x.dtype), ((co,), x.dtype)], x, g, y, index,
                   padding_h=np.int64(pads[0]), padding_w=np.int64(pads[1]), relu=relu)
     return dw, db
@@ -335,9 +339,9 @@ def pool_gather(dy: jax.Array, y: jax.Array, index: jax.Array, relu: bool) -> ja
 def _pool_grad(a, y, index, relu, gather):
     """`pool_gather` of a with `gather`, else `unpool` of a: each one's VJP is the other."""
     if gather:
-        out, = _ffi("dd_jax_pool_gather", [(y.shape, a.dtype)], a, y, index, relu=relu)
+        out, = ffi_call("dd_jax_pool_gather", [(y.shape, a.dtype)], a, y, index, relu=relu)
     else:
-        out, = _ffi("dd_jax_unpool", [(_unpooled(a.shape), a.dtype)], a, y, index, relu=relu)
+        out, = ffi_call("dd_jax_unpool", [(_unpooled(a.shape), a.dtype)], a, y, index, relu=relu)
     return out
 
 
@@ -347,7 +351,7 @@ def _pool_grad_fwd(a, y, index, relu, gather):
 
 def _pool_grad_bwd(relu, gather, residuals, ct):
     a, y, index = residuals
-    return _like(_pool_grad(ct, y, index, relu, not gather), a), None, None
+    return like_primal(_pool_grad(ct, y, index, relu, not gather), a), None, None
 
 
 _pool_grad.defvjp(_pool_grad_fwd, _pool_grad_bwd)

@@ -81,7 +81,7 @@ def make_meta_step(
             unroll["stop"] = window_stop(window_key, state.iteration, inner.window, total)
         loss, grads = jax.value_and_grad(loss_fn)(
             state.learned, labels, init_params, train_x[batch_idx], train_y[batch_idx],
-            apply_fn=model.apply, epochs=epochs, remat=remat, **unroll,
+            apply_fn=model.apply, epochs=epochs, remat=remat, step_fn=model.gd_step, **unroll,
         )
         if not learn_rates:
             grads = grads.replace(raw_step_sizes=jnp.zeros_like(grads.raw_step_sizes))

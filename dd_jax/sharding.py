@@ -83,9 +83,9 @@ def sharded_meta_loss(mesh: Mesh) -> Callable[..., jax.Array]:
     unroll's `stop` replicated)."""
 
     def loss(learned, labels, init_params, real_x, real_y, *, apply_fn, epochs, remat=False,
-             inner=None, stop=None):
+             inner=None, stop=None, step_fn=None):
         local = functools.partial(meta_loss, apply_fn=apply_fn, epochs=epochs, remat=remat,
-                                  inner=inner)
+                                  inner=inner, step_fn=step_fn)
         if stop is None:
             return jax.shard_map(
                 lambda *args: jax.lax.pmean(local(*args), (NETS, BATCH)),

@@ -22,88 +22,19 @@
 // convolution is closed under differentiation. float32 and float64; the blocks are split over
 // XLA's intra-op thread pool, and the result does not depend on which thread does what.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
 #include <memory>
 #include <type_traits>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
 
-template <typename T>
-struct Reg;  // one 512-bit register of T (GCC splits it on narrower machines), its comparison
-             // masks and its lanes as bytes
-template <>
-struct Reg<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t mask __attribute__((vector_size(64)));
-  typedef int8_t bytes __attribute__((vector_size(16)));
-};
-template <>
-struct Reg<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t mask __attribute__((vector_size(64)));
-  typedef int8_t bytes __attribute__((vector_size(8)));
-};
-template <typename T>
-using Vec = typename Reg<T>::type;
-template <typename T>
-using Mask = typename Reg<T>::mask;
-template <typename T>
-constexpr int kLanes = 64 / sizeof(T);
-template <typename T, int NB>
-constexpr int kRegsPerBlock = NB / kLanes<T>;
+using namespace dd_jax_native;
 
-template <typename T>
-inline Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <typename T>
-inline void store(T* p, const Vec<T>& v) { std::memcpy(p, &v, sizeof v); }
-
-// Calls f(std::integral_constant<int, n>{}) for a run-time 1 <= n <= N: the register tiles'
-// sizes are template parameters, so that their accumulators stay in registers.
-template <int N, typename F>
-inline void with_static(int64_t n, F&& f) {
-  if constexpr (N > 1) {
-    if (n < N) return with_static<N - 1>(n, f);
-  }
-  f(std::integral_constant<int, N>{});
-}
-
-// Runs f(0) .. f(n-1) on the calling thread and the pool's threads. Items are claimed from a
-// shared counter, so the caller finishes the work alone if the pool is busy (no deadlock when
-// the caller is itself a pool thread); late helpers find nothing left and touch nothing.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, n, f]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      f(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
 
 struct Shape {
   int64_t B, H, W, Ci, Co, kh, kw, ph, pw, Ho, Wo;
@@ -297,41 +228,6 @@ inline void padded_row(const Shape& s, const T* xb, int64_t h, T* row) {
   std::fill(row + (s.pw + s.W) * NB, row + wp * NB, T{0});
 }
 
-// Where each operand's data for item n of the leading axes starts: `offsets[n]` elements in.
-// An operand not batched along an axis (size 1 there) is shared by all of its items.
-struct Operand {
-  std::vector<int64_t> offsets;
-};
-
-// The leading axes of a call: the output's leading dims; every operand's, checked against them.
-struct Lead {
-  std::vector<int64_t> dims;  // the output's leading dims
-  int64_t count = 1;          // their product: the items one call computes
-
-  Lead(ffi::Span<const int64_t> out, size_t rank) : dims(out.begin(), out.end() - rank) {
-    for (int64_t d : dims) count *= d;
-  }
-
-  // The offsets of an operand of dims `d`, trailing `rank` axes per item; false if its leading
-  // axes are not the output's (or 1).
-  bool operand(ffi::Span<const int64_t> d, size_t rank, Operand& op) const {
-    if (d.size() != dims.size() + rank) return false;
-    int64_t item = 1;
-    for (size_t k = dims.size(); k < d.size(); ++k) item *= d[k];
-    op.offsets.assign(count, 0);
-    for (int64_t n = 0; n < count; ++n) {
-      int64_t rest = n, stride = item, offset = 0;
-      for (size_t k = dims.size(); k-- > 0;) {
-        if (d[k] != 1 && d[k] != dims[k]) return false;
-        if (d[k] != 1) offset += (rest % dims[k]) * stride;
-        stride *= d[k];
-        rest /= dims[k];
-      }
-      op.offsets[n] = offset;
-    }
-    return true;
-  }
-};
 
 // y = the convolution of x with w, or with `max_pool` its 2x2 max pooling and the argmax
 // `index`; then + bias, and with `relu` rectified; for every item of the leading axes.
@@ -476,16 +372,6 @@ inline void weight_grad_row_tile(const Shape& s, const T* xrow, const T* dyrow, 
     for (int c = 0; c < CB; ++c) part[(di * s.kw + dj0 + a) * s.Co + co0 + c] += acc[a][c];
 }
 
-// The sum of v's lanes, pairwise: lanes l and l + half, then the halves of the halves (four
-// rounds of independent adds rather than one chain of kLanes).
-template <typename T>
-inline T lane_sum(Vec<T> v) {
-  T t[kLanes<T>];
-  std::memcpy(t, &v, sizeof v);
-  for (int half = kLanes<T> / 2; half > 0; half /= 2)
-    for (int l = 0; l < half; ++l) t[l] += t[l + half];
-  return t[0];
-}
 
 // The gradient at a 2x2 max pooling's output (+ relu) from which a weight gradient unpools
 // its dy (`pool_grad_row`): g, y (the pooled, rectified output) and the argmax index, each
@@ -663,14 +549,6 @@ void pooled_bias_grad(ffi::ThreadPool& pool, int64_t items, int64_t pixels, int6
   });
 }
 
-ffi::Unexpected<ffi::Error> invalid(const char* message) {
-  return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(message));
-}
-
-// The trailing `rank` dims of d.
-ffi::Span<const int64_t> trailing(ffi::Span<const int64_t> d, size_t rank) {
-  return ffi::Span<const int64_t>(d.end() - rank, rank);
-}
 
 // One item's shape from x's trailing (B, H, W, Ci, NB), the kernel's (kh, kw, Ci, Co) and the
 // padding, checked.

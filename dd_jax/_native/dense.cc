@@ -1,0 +1,493 @@
+// One gradient-descent step of a fully connected ReLU head on softmax cross-entropy, and its
+// VJP, for XLA:CPU through the XLA FFI (dd_jax/dense_step.py).
+//
+// The head: L dense layers, a_0 = f (N, D_0), z_l = a_{l-1} W_l + b_l with W_l (D_{l-1}, D_l),
+// a_l = relu(z_l) for l < L, logits z_L (N, K). The loss is the mean over the N rows of
+// -sum_k Y[n, k] log softmax(z_L[n])_k (Y one-hot or any label vectors), so that
+//   d_L = (softmax(z_L) s - Y) / N,  s[n] = sum_k Y[n, k],
+//   d_{l-1} = (d_l W_l^T) masked where a_{l-1} > 0,  e_0 = d_1 W_1^T (the gradient at f),
+// and the step returns W_l - lr a_{l-1}^T d_l, b_l - lr sum_n d_l[n] and e_0.
+//   DdJaxDenseStep:    (f, Y, lr, W_1, b_1, .., W_L, b_L) -> (e_0, W_1', b_1', .., W_L', b_L')
+//   DdJaxDenseStepVjp: the same inputs and the cotangents (e_0b, W_1b, b_1b, ..) ->
+//                      (f_bar, Y_bar, lr_bar, W_1bar, b_1bar, ..)
+// The VJP recomputes the step's activations (its residuals are its inputs). Every operand
+// may have the same leading axes in front (ffi_call's vmap_method "expand_dims", e.g. over
+// networks), each the output's size or 1 (shared); the items are split over XLA's intra-op
+// thread pool, one item per task, each item's arithmetic in a fixed order.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace dd_jax_native;
+
+// Inside a kernel, a matrix of N rows (images) and D columns is held in the "lanes" layout:
+// blocks of kLanes rows, each block (D, kLanes) with the block's rows innermost, the rows past
+// N zero on input. Products with a kernel then broadcast its entries against whole registers
+// of rows (no sums across a register's lanes), as the convolution kernels do.
+template <typename T>
+struct Lanes {
+  int64_t rows, cols, blocks;
+  std::vector<T> v;  // (blocks, cols, kLanes)
+
+  Lanes(int64_t rows, int64_t cols)
+      : rows(rows), cols(cols), blocks((rows + kLanes<T> - 1) / kLanes<T>),
+        v(blocks * cols * kLanes<T>, T(0)) {}
+  T* block(int64_t b) { return v.data() + b * cols * kLanes<T>; }
+  const T* block(int64_t b) const { return v.data() + b * cols * kLanes<T>; }
+  T& at(int64_t r, int64_t c) { return v[(r / kLanes<T> * cols + c) * kLanes<T> + r % kLanes<T>]; }
+  T at(int64_t r, int64_t c) const {
+    return v[(r / kLanes<T> * cols + c) * kLanes<T> + r % kLanes<T>];
+  }
+
+  static Lanes from_rows(const T* m, int64_t rows, int64_t cols) {
+    Lanes out(rows, cols);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) out.at(r, c) = m[r * cols + c];
+    return out;
+  }
+  void to_rows(T* m) const {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) m[r * cols + c] = at(r, c);
+  }
+  // The rows, each zero-padded to whole registers: (rows, padded_cols()).
+  int64_t padded_cols() const { return (cols + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
+  std::vector<T> padded_rows() const {
+    const int64_t p = padded_cols();
+    std::vector<T> m(rows * p, T(0));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) m[r * p + c] = at(r, c);
+    return m;
+  }
+};
+
+constexpr int kTile = 8;  // accumulators per register tile
+
+// out = x w (+ bias): x (N, din), w (din, dout), out (N, dout), in lanes.
+template <typename T>
+void times(const Lanes<T>& x, const T* w, const T* bias, Lanes<T>& out) {
+  constexpr int V = kLanes<T>;
+  const int64_t din = x.cols, dout = out.cols;
+  for (int64_t b = 0; b < x.blocks; ++b) {
+    const T* xb = x.block(b);
+    T* ob = out.block(b);
+    for (int64_t o0 = 0; o0 < dout; o0 += kTile) {
+      with_static<kTile>(std::min<int64_t>(kTile, dout - o0), [&](auto tile) {
+        constexpr int OB = decltype(tile)::value;
+        Vec<T> acc[OB];
+        for (int k = 0; k < OB; ++k) acc[k] = Vec<T>{} + (bias ? bias[o0 + k] : T(0));
+        for (int64_t i = 0; i < din; ++i) {
+          const Vec<T> xv = load(xb + i * V);
+          const T* wi = w + i * dout + o0;
+          for (int k = 0; k < OB; ++k) acc[k] += wi[k] * xv;
+        }
+        for (int k = 0; k < OB; ++k) store(ob + (o0 + k) * V, acc[k]);
+      });
+    }
+  }
+}
+
+// out (+)= y w^T: y (N, dout), w (din, dout), out (N, din), in lanes; with `add`, onto out.
+template <typename T>
+void times_transposed(const Lanes<T>& y, const T* w, Lanes<T>& out, bool add) {
+  constexpr int V = kLanes<T>;
+  const int64_t dout = y.cols, din = out.cols;
+  for (int64_t b = 0; b < y.blocks; ++b) {
+    const T* yb = y.block(b);
+    T* ob = out.block(b);
+    for (int64_t i0 = 0; i0 < din; i0 += kTile) {
+      with_static<kTile>(std::min<int64_t>(kTile, din - i0), [&](auto tile) {
+        constexpr int IB = decltype(tile)::value;
+        Vec<T> acc[IB];
+        for (int k = 0; k < IB; ++k) acc[k] = add ? load(ob + (i0 + k) * V) : Vec<T>{};
+        for (int64_t o = 0; o < dout; ++o) {
+          const Vec<T> yv = load(yb + o * V);
+          for (int k = 0; k < IB; ++k) acc[k] += w[(i0 + k) * dout + o] * yv;
+        }
+        for (int k = 0; k < IB; ++k) store(ob + (i0 + k) * V, acc[k]);
+      });
+    }
+  }
+}
+
+// out = base + scale (x1^T y1 + x2^T y2) (din, dout), row by row: x (N, din) in lanes, y the
+// (N, dout) rows zero-padded to whole registers (`Lanes::padded_rows`); x2 may be null.
+template <typename T>
+void outer(const Lanes<T>& x1, const std::vector<T>& y1, const Lanes<T>* x2, const std::vector<T>* y2,
+           const T* base, T scale, int64_t dout, T* out) {
+  constexpr int V = kLanes<T>;
+  const int64_t din = x1.cols, n = x1.rows, padded = (dout + V - 1) / V * V;
+  for (int64_t i = 0; i < din; ++i) {
+    for (int64_t c0 = 0; c0 < padded; c0 += kTile * V) {
+      with_static<kTile>(std::min<int64_t>(kTile, (padded - c0) / V), [&](auto tile) {
+        constexpr int CB = decltype(tile)::value;
+        Vec<T> acc[CB] = {};
+        for (int64_t r = 0; r < n; ++r) {
+          const T a1 = x1.at(r, i);
+          const T* yr = y1.data() + r * padded + c0;
+          for (int k = 0; k < CB; ++k) acc[k] += a1 * load(yr + k * V);
+          if (x2) {
+            const T a2 = x2->at(r, i);
+            const T* y2r = y2->data() + r * padded + c0;
+            for (int k = 0; k < CB; ++k) acc[k] += a2 * load(y2r + k * V);
+          }
+        }
+        const T* from = base + i * dout + c0;
+        T* to = out + i * dout + c0;
+        int k = 0;
+        for (; k < CB && c0 + (k + 1) * V <= dout; ++k)  // whole registers
+          store(to + k * V, load(from + k * V) + scale * acc[k]);
+        if (k < CB) {  // the row's last, partial register
+          T sums[V];
+          store(sums, acc[k]);
+          for (int64_t c = k * V; c < dout - c0; ++c) to[c] = from[c] + scale * sums[c - k * V];
+        }
+      });
+    }
+  }
+}
+
+// sum over the rows of m (N, D) in lanes: (D,).
+template <typename T>
+void column_sums(const Lanes<T>& m, T* out) {
+  for (int64_t c = 0; c < m.cols; ++c) {
+    Vec<T> acc{};
+    for (int64_t b = 0; b < m.blocks; ++b) acc += load(m.block(b) + c * kLanes<T>);
+    out[c] = lane_sum<T>(acc);
+  }
+}
+
+// x where mask > 0, else 0, elementwise (the same shapes).
+template <typename T>
+void keep_positive(Lanes<T>& x, const Lanes<T>& mask) {
+  for (size_t e = 0; e < x.v.size(); ++e) x.v[e] = mask.v[e] > 0 ? x.v[e] : T(0);
+}
+
+// The head of one item: its operands, and from `forward` and `backward` the activations a_0
+// (= f) .. a_{L-1}, softmax(z_L), s and the gradients d_1 .. d_L, all in lanes.
+template <typename T>
+struct Head {
+  int64_t n, layers;
+  std::vector<int64_t> dims;  // D_0 .. D_L
+  const T* f;                 // (N, D_0)
+  const T* y;                 // (N, K)
+  T lr;
+  std::vector<const T*> w, b;  // W_l, b_l at index l - 1
+  std::vector<Lanes<T>> a, d;  // a[l], l = 0 .. L-1; d[l], l = 1 .. L (d[0] unused)
+  std::vector<Lanes<T>> p, s;  // softmax(z_L) (N, K), s (N, 1); one each
+
+  // a_1 .. a_{L-1}, softmax(z_L) and d_L = (softmax(z_L) s - Y) / N.
+  void forward() {
+    const int64_t k = dims[layers];
+    a.clear();
+    a.push_back(Lanes<T>::from_rows(f, n, dims[0]));
+    for (int64_t l = 1; l < layers; ++l) {
+      a.emplace_back(n, dims[l]);
+      times(a[l - 1], w[l - 1], b[l - 1], a[l]);
+      for (int64_t r = 0; r < a[l].blocks * kLanes<T>; ++r)  // the rows past N kept zero
+        for (int64_t c = 0; c < dims[l]; ++c)
+          a[l].at(r, c) = r < n ? std::max(a[l].at(r, c), T(0)) : T(0);
+    }
+    p.assign(1, Lanes<T>(n, k));
+    times(a[layers - 1], w[layers - 1], b[layers - 1], p[0]);
+    const Lanes<T> targets = Lanes<T>::from_rows(y, n, k);
+    s.assign(1, Lanes<T>(n, 1));
+    d.assign(layers + 1, Lanes<T>(0, 0));
+    d[layers] = Lanes<T>(n, k);
+    for (int64_t r = 0; r < n; ++r) {
+      T m = p[0].at(r, 0), total = 0, sr = 0;
+      for (int64_t c = 1; c < k; ++c) m = std::max(m, p[0].at(r, c));
+      for (int64_t c = 0; c < k; ++c) total += (p[0].at(r, c) = std::exp(p[0].at(r, c) - m));
+      for (int64_t c = 0; c < k; ++c) p[0].at(r, c) /= total;
+      for (int64_t c = 0; c < k; ++c) sr += targets.at(r, c);
+      s[0].at(r, 0) = sr;
+      for (int64_t c = 0; c < k; ++c)
+        d[layers].at(r, c) = (p[0].at(r, c) * sr - targets.at(r, c)) / T(n);
+    }
+  }
+
+  // d_{L-1} .. d_1 from d_L: d_{l-1} = (d_l W_l^T) where a_{l-1} > 0.
+  void backward() {
+    for (int64_t l = layers; l >= 2; --l) {
+      d[l - 1] = Lanes<T>(n, dims[l - 1]);
+      times_transposed(d[l], w[l - 1], d[l - 1], false);
+      keep_positive(d[l - 1], a[l - 1]);
+    }
+  }
+};
+
+// One step: e_0 (N, D_0) and each layer's W_l' = W_l - lr a_{l-1}^T d_l, b_l' = b_l - lr sum d_l.
+template <typename T>
+void head_step(Head<T>& h, T* e0, const std::vector<T*>& w_new, const std::vector<T*>& b_new) {
+  h.forward();
+  h.backward();
+  Lanes<T> e(h.n, h.dims[0]);
+  times_transposed(h.d[1], h.w[0], e, false);
+  e.to_rows(e0);
+  for (int64_t l = 1; l <= h.layers; ++l) {
+    const int64_t dout = h.dims[l];
+    outer(h.a[l - 1], h.d[l].padded_rows(), static_cast<const Lanes<T>*>(nullptr),
+          static_cast<const std::vector<T>*>(nullptr), h.w[l - 1], -h.lr, dout, w_new[l - 1]);
+    std::vector<T> sums(dout);
+    column_sums(h.d[l], sums.data());
+    for (int64_t c = 0; c < dout; ++c) b_new[l - 1][c] = h.b[l - 1][c] + (-h.lr) * sums[c];
+  }
+}
+
+// The cotangents of one item's step outputs and its input cotangents.
+template <typename T>
+struct HeadCotangents {
+  const T* e0b;                  // (N, D_0)
+  std::vector<const T*> wb, bb;  // W_l', b_l' cotangents
+  T* f_bar;                      // (N, D_0)
+  T* y_bar;                      // (N, K)
+  T* lr_bar;                     // ()
+  std::vector<T*> w_bar, b_bar;
+};
+
+template <typename T>
+void head_vjp(Head<T>& h, const HeadCotangents<T>& c) {
+  const int64_t n = h.n, L = h.layers;
+  h.forward();
+  h.backward();
+  // The reverse of the backward pass, layer 1 up: dbar_l = ebar_{l-1} W_l - lr (a_{l-1} W_lb
+  // + b_lb), ebar_l = dbar_l where a_l > 0; lr's cotangent -<W_lb, a^T d_l> - <b_lb, sum d_l>.
+  std::vector<Lanes<T>> ebar, dbar(L + 1, Lanes<T>(0, 0));
+  ebar.push_back(Lanes<T>::from_rows(c.e0b, n, h.dims[0]));
+  T lr_bar = 0;
+  for (int64_t l = 1; l <= L; ++l) {
+    const int64_t dout = h.dims[l];
+    Lanes<T> u(n, dout);
+    times(h.a[l - 1], c.wb[l - 1], c.bb[l - 1], u);
+    dbar[l] = Lanes<T>(n, dout);
+    times(ebar[l - 1], h.w[l - 1], static_cast<const T*>(nullptr), dbar[l]);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t q = 0; q < dout; ++q) {
+        lr_bar -= u.at(r, q) * h.d[l].at(r, q);
+        dbar[l].at(r, q) -= h.lr * u.at(r, q);
+      }
+    if (l < L) {
+      ebar.push_back(dbar[l]);
+      keep_positive(ebar[l], h.a[l]);
+    }
+  }
+  *c.lr_bar = lr_bar;
+  // Softmax cross-entropy: d_L = (p s - Y) / N.
+  const int64_t k = h.dims[L];
+  Lanes<T> zbar(n, k);
+  for (int64_t r = 0; r < n; ++r) {
+    T pdb = 0;
+    for (int64_t q = 0; q < k; ++q) pdb += h.p[0].at(r, q) * dbar[L].at(r, q);
+    for (int64_t q = 0; q < k; ++q) {
+      const T db = dbar[L].at(r, q);
+      zbar.at(r, q) = h.s[0].at(r, 0) * h.p[0].at(r, q) * (db - pdb) / T(n);
+      c.y_bar[r * k + q] = (pdb - db) / T(n);
+    }
+  }
+  // The reverse of the forward pass, layer L down.
+  for (int64_t l = L; l >= 1; --l) {
+    const int64_t din = h.dims[l - 1], dout = h.dims[l];
+    const std::vector<T> d_rows = h.d[l].padded_rows();
+    outer(h.a[l - 1], zbar.padded_rows(), &ebar[l - 1], &d_rows, c.wb[l - 1], T(1), dout,
+          c.w_bar[l - 1]);
+    std::vector<T> sums(dout);
+    column_sums(zbar, sums.data());
+    for (int64_t q = 0; q < dout; ++q) c.b_bar[l - 1][q] = c.bb[l - 1][q] + sums[q];
+    Lanes<T> abar(n, din), scaled = h.d[l];
+    times_transposed(zbar, h.w[l - 1], abar, false);
+    for (T& v : scaled.v) v *= -h.lr;
+    times_transposed(scaled, c.wb[l - 1], abar, true);
+    if (l > 1) {
+      keep_positive(abar, h.a[l - 1]);
+      zbar = std::move(abar);
+    } else {
+      abar.to_rows(c.f_bar);
+    }
+  }
+}
+
+// The operands of a call: f, Y, lr, then the layers' (W, b) pairs among `rest`
+// (`first` = the index of W_1 there); the leading axes from `out` (trailing rank 2).
+struct Call {
+  Lead lead;
+  int64_t n = 0, layers = 0;
+  std::vector<int64_t> dims;
+  Operand fo, yo, lro;
+  std::vector<Operand> wo, bo;
+
+  explicit Call(ffi::Span<const int64_t> out) : lead(out, 2) {}
+};
+
+ffi::Error check(Call& c, ffi::AnyBuffer f, ffi::AnyBuffer y, ffi::AnyBuffer lr,
+                 ffi::RemainingArgs params, size_t first) {
+  const size_t count = params.size() - first;
+  if (count == 0 || count % 2) return ffi::Error::InvalidArgument("dd_jax dense: (W, b) pairs expected");
+  c.layers = count / 2;
+  auto fd = f.dimensions();
+  if (fd.size() < 2 || !c.lead.operand(fd, 2, c.fo))
+    return ffi::Error::InvalidArgument("dd_jax dense: f must be (..., N, D_0) with the output's leading axes");
+  c.n = fd[fd.size() - 2];
+  c.dims = {fd.back()};
+  c.wo.resize(c.layers);
+  c.bo.resize(c.layers);
+  for (int64_t l = 0; l < c.layers; ++l) {
+    auto w = params.get<ffi::AnyBuffer>(first + 2 * l);
+    auto b = params.get<ffi::AnyBuffer>(first + 2 * l + 1);
+    if (w.has_error() || b.has_error()) return ffi::Error::InvalidArgument("dd_jax dense: bad layer operand");
+    auto wd = w->dimensions(), bd = b->dimensions();
+    if (wd.size() < 2 || wd[wd.size() - 2] != c.dims.back() || !c.lead.operand(wd, 2, c.wo[l]) ||
+        bd.size() == 0 || bd.back() != wd.back() || !c.lead.operand(bd, 1, c.bo[l]) ||
+        w->element_type() != f.element_type() || b->element_type() != f.element_type())
+      return ffi::Error::InvalidArgument("dd_jax dense: W_l must be (..., D_{l-1}, D_l), b_l (..., D_l)");
+    c.dims.push_back(wd.back());
+  }
+  auto yd = y.dimensions();
+  if (yd.size() < 2 || yd[yd.size() - 2] != c.n || yd.back() != c.dims.back() ||
+      !c.lead.operand(yd, 2, c.yo) || y.element_type() != f.element_type())
+    return ffi::Error::InvalidArgument("dd_jax dense: Y must be (..., N, K), K the last layer's width");
+  if (!c.lead.operand(lr.dimensions(), 0, c.lro) || lr.element_type() != f.element_type())
+    return ffi::Error::InvalidArgument("dd_jax dense: lr must be a scalar (per item)");
+  if (f.element_type() != ffi::F32 && f.element_type() != ffi::F64)
+    return ffi::Error::InvalidArgument("dd_jax dense: float32 or float64 only");
+  return ffi::Error::Success();
+}
+
+// Item `item`'s Head from the call's operands.
+template <typename T>
+Head<T> head_of(const Call& c, int64_t item, ffi::AnyBuffer f, ffi::AnyBuffer y,
+                ffi::AnyBuffer lr, ffi::RemainingArgs params, size_t first) {
+  Head<T> h;
+  h.n = c.n;
+  h.layers = c.layers;
+  h.dims = c.dims;
+  h.f = f.typed_data<T>() + c.fo.offsets[item];
+  h.y = y.typed_data<T>() + c.yo.offsets[item];
+  h.lr = lr.typed_data<T>()[c.lro.offsets[item]];
+  for (int64_t l = 0; l < c.layers; ++l) {
+    h.w.push_back(params.get<ffi::AnyBuffer>(first + 2 * l)->typed_data<T>() + c.wo[l].offsets[item]);
+    h.b.push_back(params.get<ffi::AnyBuffer>(first + 2 * l + 1)->typed_data<T>() +
+                  c.bo[l].offsets[item]);
+  }
+  return h;
+}
+
+// Checks that `out` has an item's shape `trailing_dims` behind the call's leading axes.
+bool result_is(const Call& c, ffi::Span<const int64_t> d, std::initializer_list<int64_t> dims) {
+  if (d.size() != c.lead.dims.size() + dims.size()) return false;
+  for (size_t k = 0; k < c.lead.dims.size(); ++k)
+    if (d[k] != c.lead.dims[k]) return false;
+  size_t k = c.lead.dims.size();
+  for (int64_t v : dims)
+    if (d[k++] != v) return false;
+  return true;
+}
+
+ffi::Error DenseStepImpl(ffi::ThreadPool pool, ffi::AnyBuffer f, ffi::AnyBuffer y,
+                         ffi::AnyBuffer lr, ffi::RemainingArgs params, ffi::RemainingRets rets) {
+  auto e0 = rets.get<ffi::AnyBuffer>(0);
+  if (e0.has_error()) return ffi::Error::InvalidArgument("dd_jax dense: e_0 result missing");
+  Call c((*e0)->dimensions());
+  if (auto err = check(c, f, y, lr, params, 0); err.failure()) return err;
+  if (rets.size() != 1 + 2 * static_cast<size_t>(c.layers) ||
+      !result_is(c, (*e0)->dimensions(), {c.n, c.dims[0]}))
+    return ffi::Error::InvalidArgument("dd_jax dense: results must be e_0 and the layers' (W', b')");
+  for (int64_t l = 0; l < c.layers; ++l)
+    if (!result_is(c, (*rets.get<ffi::AnyBuffer>(1 + 2 * l))->dimensions(), {c.dims[l], c.dims[l + 1]}) ||
+        !result_is(c, (*rets.get<ffi::AnyBuffer>(2 + 2 * l))->dimensions(), {c.dims[l + 1]}))
+      return ffi::Error::InvalidArgument("dd_jax dense: W_l' and b_l' must have W_l's and b_l's item shapes");
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    parallel_for(pool, c.lead.count, [&](int64_t item) {
+      Head<T> h = head_of<T>(c, item, f, y, lr, params, 0);
+      std::vector<T*> w_new, b_new;
+      for (int64_t l = 0; l < c.layers; ++l) {
+        w_new.push_back((*rets.get<ffi::AnyBuffer>(1 + 2 * l))->typed_data<T>() +
+                        item * c.dims[l] * c.dims[l + 1]);
+        b_new.push_back((*rets.get<ffi::AnyBuffer>(2 + 2 * l))->typed_data<T>() + item * c.dims[l + 1]);
+      }
+      head_step(h, (*e0)->typed_data<T>() + item * c.n * c.dims[0], w_new, b_new);
+    });
+    return ffi::Error::Success();
+  };
+  return f.element_type() == ffi::F32 ? run(float{}) : run(double{});
+}
+
+// params: f's step inputs' layers (W, b) .., then the cotangents e_0b, (W_lb, b_lb) ..
+ffi::Error DenseStepVjpImpl(ffi::ThreadPool pool, ffi::AnyBuffer f, ffi::AnyBuffer y,
+                            ffi::AnyBuffer lr, ffi::RemainingArgs rest, ffi::RemainingRets rets) {
+  auto fbar = rets.get<ffi::AnyBuffer>(0);
+  if (fbar.has_error()) return ffi::Error::InvalidArgument("dd_jax dense: f_bar result missing");
+  Call c((*fbar)->dimensions());
+  const size_t total = rest.size();
+  if (total % 4 != 1) return ffi::Error::InvalidArgument("dd_jax dense vjp: layers, e_0b and the layers' cotangents");
+  const size_t layers = (total - 1) / 4;
+  // the layers' operands are rest[0 .. 2L), then e_0b, then their cotangents
+  std::vector<Operand> wbo(layers), bbo(layers);
+  Operand eo;
+  {
+    // check the layers with a view of `rest` limited to them: `check` reads pairs from `first`
+    // until the end, so check the cotangent pairs the same way, then the layers by shape.
+    if (auto err = check(c, f, y, lr, rest, 2 * layers + 1); err.failure()) return err;
+    if (c.layers != static_cast<int64_t>(layers)) return ffi::Error::InvalidArgument("dd_jax dense vjp: layer count");
+    std::swap(wbo, c.wo);
+    std::swap(bbo, c.bo);
+    c.wo.resize(layers);
+    c.bo.resize(layers);
+    for (size_t l = 0; l < layers; ++l) {
+      auto w = rest.get<ffi::AnyBuffer>(2 * l), b = rest.get<ffi::AnyBuffer>(2 * l + 1);
+      if (!c.lead.operand((*w).dimensions(), 2, c.wo[l]) || !c.lead.operand((*b).dimensions(), 1, c.bo[l]) ||
+          (*w).dimensions().back() != c.dims[l + 1] || (*b).dimensions().back() != c.dims[l + 1])
+        return ffi::Error::InvalidArgument("dd_jax dense vjp: the layers and their cotangents must match");
+    }
+    auto e = rest.get<ffi::AnyBuffer>(2 * layers);
+    if (!c.lead.operand((*e).dimensions(), 2, eo)) return ffi::Error::InvalidArgument("dd_jax dense vjp: e_0b");
+  }
+  if (rets.size() != 3 + 2 * layers) return ffi::Error::InvalidArgument("dd_jax dense vjp: results");
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    parallel_for(pool, c.lead.count, [&](int64_t item) {
+      Head<T> h = head_of<T>(c, item, f, y, lr, rest, 0);
+      HeadCotangents<T> ct;
+      ct.e0b = rest.get<ffi::AnyBuffer>(2 * layers)->typed_data<T>() + eo.offsets[item];
+      for (size_t l = 0; l < layers; ++l) {
+        ct.wb.push_back(rest.get<ffi::AnyBuffer>(2 * layers + 1 + 2 * l)->typed_data<T>() +
+                        wbo[l].offsets[item]);
+        ct.bb.push_back(rest.get<ffi::AnyBuffer>(2 * layers + 2 + 2 * l)->typed_data<T>() +
+                        bbo[l].offsets[item]);
+        const int64_t din = c.dims[l], dout = c.dims[l + 1];
+        ct.w_bar.push_back((*rets.get<ffi::AnyBuffer>(3 + 2 * l))->typed_data<T>() + item * din * dout);
+        ct.b_bar.push_back((*rets.get<ffi::AnyBuffer>(4 + 2 * l))->typed_data<T>() + item * dout);
+      }
+      ct.f_bar = (*fbar)->typed_data<T>() + item * c.n * c.dims[0];
+      ct.y_bar = (*rets.get<ffi::AnyBuffer>(1))->typed_data<T>() + item * c.n * c.dims[layers];
+      ct.lr_bar = (*rets.get<ffi::AnyBuffer>(2))->typed_data<T>() + item;
+      head_vjp(h, ct);
+    });
+    return ffi::Error::Success();
+  };
+  return f.element_type() == ffi::F32 ? run(float{}) : run(double{});
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxDenseStep, DenseStepImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // f
+                                  .Arg<ffi::AnyBuffer>()  // Y
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .RemainingArgs()        // W_1, b_1, .., W_L, b_L
+                                  .RemainingRets());      // e_0, W_1', b_1', ..
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdJaxDenseStepVjp, DenseStepVjpImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // f
+                                  .Arg<ffi::AnyBuffer>()  // Y
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .RemainingArgs()        // layers, e_0b, their cotangents
+                                  .RemainingRets());      // f_bar, Y_bar, lr_bar, W_1bar, ..
