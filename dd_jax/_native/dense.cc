@@ -310,166 +310,178 @@ void head_vjp(Head<T>& h, const HeadCotangents<T>& c) {
   }
 }
 
-// The operands of a call: f, Y, lr, then the layers' (W, b) pairs among `rest`
-// (`first` = the index of W_1 there); the leading axes from `out` (trailing rank 2).
+ffi::Error fail(const char* message) { return ffi::Error::InvalidArgument(message); }
+
+// A call's items and shapes: the leading axes (from the first result, of trailing rank 2), N,
+// D_0 .. D_L, the float type, and where each item's f, Y and lr start.
 struct Call {
   Lead lead;
   int64_t n = 0, layers = 0;
   std::vector<int64_t> dims;
-  Operand fo, yo, lro;
-  std::vector<Operand> wo, bo;
+  ffi::DataType type;
+  Operand f, y, lr;
 
-  explicit Call(ffi::Span<const int64_t> out) : lead(out, 2) {}
+  Call(ffi::Span<const int64_t> first_result, ffi::AnyBuffer f) : lead(first_result, 2),
+      type(f.element_type()) {}
+
+  // The (W, b) pair of layer l among `args` from `first`, checked to be (.., D_{l-1}, D_l) and
+  // (.., D_l) (with `define`, D_l is read from W), its items' offsets into w and b.
+  bool pair(ffi::RemainingArgs args, size_t first, int64_t l, bool define, Operand& w, Operand& b) {
+    auto wb = args.get<ffi::AnyBuffer>(first + 2 * l), bb = args.get<ffi::AnyBuffer>(first + 2 * l + 1);
+    if (wb.has_error() || bb.has_error() || wb->element_type() != type || bb->element_type() != type)
+      return false;
+    auto wd = wb->dimensions(), bd = bb->dimensions();
+    if (wd.size() < 2 || bd.size() < 1 || wd[wd.size() - 2] != dims[l]) return false;
+    if (define) dims.push_back(wd.back());
+    return wd.back() == dims[l + 1] && bd.back() == dims[l + 1] && lead.operand(wd, 2, w) &&
+           lead.operand(bd, 1, b);
+  }
+
+  // f (.., N, D_0), Y (.., N, K), lr (..) and the `layers` (W, b) pairs at args[0 ..].
+  ffi::Error inputs(ffi::AnyBuffer fb, ffi::AnyBuffer yb, ffi::AnyBuffer lrb,
+                    ffi::RemainingArgs args, int64_t count, std::vector<Operand>& w,
+                    std::vector<Operand>& b) {
+    if (type != ffi::F32 && type != ffi::F64) return fail("dd_jax dense: float32 or float64 only");
+    auto fd = fb.dimensions();
+    if (count < 1 || fd.size() < 2 || !lead.operand(fd, 2, f))
+      return fail("dd_jax dense: f must be (..., N, D_0), with the results' leading axes");
+    layers = count;
+    n = fd[fd.size() - 2];
+    dims = {fd.back()};
+    w.resize(layers);
+    b.resize(layers);
+    for (int64_t l = 0; l < layers; ++l)
+      if (!pair(args, 0, l, true, w[l], b[l]))
+        return fail("dd_jax dense: layer l must be W (..., D_{l-1}, D_l) and b (..., D_l)");
+    auto yd = yb.dimensions();
+    if (yd.size() < 2 || yd[yd.size() - 2] != n || yd.back() != dims.back() ||
+        !lead.operand(yd, 2, y) || yb.element_type() != type)
+      return fail("dd_jax dense: Y must be (..., N, K), K the last layer's width");
+    if (!lead.operand(lrb.dimensions(), 0, lr) || lrb.element_type() != type)
+      return fail("dd_jax dense: lr must be a scalar per item");
+    return ffi::Error::Success();
+  }
+
+  // Whether result `r` is (leading axes..., item dims...) of the call's type.
+  bool result(ffi::RemainingRets rets, size_t r, std::initializer_list<int64_t> item) const {
+    auto buffer = rets.get<ffi::AnyBuffer>(r);
+    if (buffer.has_error() || (*buffer)->element_type() != type) return false;
+    auto d = (*buffer)->dimensions();
+    if (d.size() != lead.dims.size() + item.size()) return false;
+    size_t k = 0;
+    for (int64_t v : lead.dims)
+      if (d[k++] != v) return false;
+    for (int64_t v : item)
+      if (d[k++] != v) return false;
+    return true;
+  }
+
+  // Results `first`, `first` + 1, .. are the layers' (W, b) shapes.
+  bool layer_results(ffi::RemainingRets rets, size_t first) const {
+    for (int64_t l = 0; l < layers; ++l)
+      if (!result(rets, first + 2 * l, {dims[l], dims[l + 1]}) ||
+          !result(rets, first + 2 * l + 1, {dims[l + 1]}))
+        return false;
+    return true;
+  }
+
+  // Item `item`'s Head, its layers (W, b) at args[0 ..].
+  template <typename T>
+  Head<T> head(int64_t item, ffi::AnyBuffer fb, ffi::AnyBuffer yb, ffi::AnyBuffer lrb,
+               ffi::RemainingArgs args, const std::vector<Operand>& w,
+               const std::vector<Operand>& b) const {
+    Head<T> h;
+    h.n = n;
+    h.layers = layers;
+    h.dims = dims;
+    h.f = fb.typed_data<T>() + f.offsets[item];
+    h.y = yb.typed_data<T>() + y.offsets[item];
+    h.lr = lrb.typed_data<T>()[lr.offsets[item]];
+    for (int64_t l = 0; l < layers; ++l) {
+      h.w.push_back(args.get<ffi::AnyBuffer>(2 * l)->typed_data<T>() + w[l].offsets[item]);
+      h.b.push_back(args.get<ffi::AnyBuffer>(2 * l + 1)->typed_data<T>() + b[l].offsets[item]);
+    }
+    return h;
+  }
+
+  // Item `item`'s part of result `r`, of `size` elements per item.
+  template <typename T>
+  static T* out(ffi::RemainingRets rets, size_t r, int64_t item, int64_t size) {
+    return (*rets.get<ffi::AnyBuffer>(r))->typed_data<T>() + item * size;
+  }
 };
 
-ffi::Error check(Call& c, ffi::AnyBuffer f, ffi::AnyBuffer y, ffi::AnyBuffer lr,
-                 ffi::RemainingArgs params, size_t first) {
-  const size_t count = params.size() - first;
-  if (count == 0 || count % 2) return ffi::Error::InvalidArgument("dd_jax dense: (W, b) pairs expected");
-  c.layers = count / 2;
-  auto fd = f.dimensions();
-  if (fd.size() < 2 || !c.lead.operand(fd, 2, c.fo))
-    return ffi::Error::InvalidArgument("dd_jax dense: f must be (..., N, D_0) with the output's leading axes");
-  c.n = fd[fd.size() - 2];
-  c.dims = {fd.back()};
-  c.wo.resize(c.layers);
-  c.bo.resize(c.layers);
-  for (int64_t l = 0; l < c.layers; ++l) {
-    auto w = params.get<ffi::AnyBuffer>(first + 2 * l);
-    auto b = params.get<ffi::AnyBuffer>(first + 2 * l + 1);
-    if (w.has_error() || b.has_error()) return ffi::Error::InvalidArgument("dd_jax dense: bad layer operand");
-    auto wd = w->dimensions(), bd = b->dimensions();
-    if (wd.size() < 2 || wd[wd.size() - 2] != c.dims.back() || !c.lead.operand(wd, 2, c.wo[l]) ||
-        bd.size() == 0 || bd.back() != wd.back() || !c.lead.operand(bd, 1, c.bo[l]) ||
-        w->element_type() != f.element_type() || b->element_type() != f.element_type())
-      return ffi::Error::InvalidArgument("dd_jax dense: W_l must be (..., D_{l-1}, D_l), b_l (..., D_l)");
-    c.dims.push_back(wd.back());
-  }
-  auto yd = y.dimensions();
-  if (yd.size() < 2 || yd[yd.size() - 2] != c.n || yd.back() != c.dims.back() ||
-      !c.lead.operand(yd, 2, c.yo) || y.element_type() != f.element_type())
-    return ffi::Error::InvalidArgument("dd_jax dense: Y must be (..., N, K), K the last layer's width");
-  if (!c.lead.operand(lr.dimensions(), 0, c.lro) || lr.element_type() != f.element_type())
-    return ffi::Error::InvalidArgument("dd_jax dense: lr must be a scalar (per item)");
-  if (f.element_type() != ffi::F32 && f.element_type() != ffi::F64)
-    return ffi::Error::InvalidArgument("dd_jax dense: float32 or float64 only");
-  return ffi::Error::Success();
-}
-
-// Item `item`'s Head from the call's operands.
-template <typename T>
-Head<T> head_of(const Call& c, int64_t item, ffi::AnyBuffer f, ffi::AnyBuffer y,
-                ffi::AnyBuffer lr, ffi::RemainingArgs params, size_t first) {
-  Head<T> h;
-  h.n = c.n;
-  h.layers = c.layers;
-  h.dims = c.dims;
-  h.f = f.typed_data<T>() + c.fo.offsets[item];
-  h.y = y.typed_data<T>() + c.yo.offsets[item];
-  h.lr = lr.typed_data<T>()[c.lro.offsets[item]];
-  for (int64_t l = 0; l < c.layers; ++l) {
-    h.w.push_back(params.get<ffi::AnyBuffer>(first + 2 * l)->typed_data<T>() + c.wo[l].offsets[item]);
-    h.b.push_back(params.get<ffi::AnyBuffer>(first + 2 * l + 1)->typed_data<T>() +
-                  c.bo[l].offsets[item]);
-  }
-  return h;
-}
-
-// Checks that `out` has an item's shape `trailing_dims` behind the call's leading axes.
-bool result_is(const Call& c, ffi::Span<const int64_t> d, std::initializer_list<int64_t> dims) {
-  if (d.size() != c.lead.dims.size() + dims.size()) return false;
-  for (size_t k = 0; k < c.lead.dims.size(); ++k)
-    if (d[k] != c.lead.dims[k]) return false;
-  size_t k = c.lead.dims.size();
-  for (int64_t v : dims)
-    if (d[k++] != v) return false;
-  return true;
-}
-
+// args: W_1, b_1, .., W_L, b_L; results: e_0, W_1', b_1', ...
 ffi::Error DenseStepImpl(ffi::ThreadPool pool, ffi::AnyBuffer f, ffi::AnyBuffer y,
-                         ffi::AnyBuffer lr, ffi::RemainingArgs params, ffi::RemainingRets rets) {
+                         ffi::AnyBuffer lr, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   auto e0 = rets.get<ffi::AnyBuffer>(0);
-  if (e0.has_error()) return ffi::Error::InvalidArgument("dd_jax dense: e_0 result missing");
-  Call c((*e0)->dimensions());
-  if (auto err = check(c, f, y, lr, params, 0); err.failure()) return err;
-  if (rets.size() != 1 + 2 * static_cast<size_t>(c.layers) ||
-      !result_is(c, (*e0)->dimensions(), {c.n, c.dims[0]}))
-    return ffi::Error::InvalidArgument("dd_jax dense: results must be e_0 and the layers' (W', b')");
-  for (int64_t l = 0; l < c.layers; ++l)
-    if (!result_is(c, (*rets.get<ffi::AnyBuffer>(1 + 2 * l))->dimensions(), {c.dims[l], c.dims[l + 1]}) ||
-        !result_is(c, (*rets.get<ffi::AnyBuffer>(2 + 2 * l))->dimensions(), {c.dims[l + 1]}))
-      return ffi::Error::InvalidArgument("dd_jax dense: W_l' and b_l' must have W_l's and b_l's item shapes");
+  if (e0.has_error() || args.size() % 2) return fail("dd_jax dense: (W, b) pairs and e_0 expected");
+  Call c((*e0)->dimensions(), f);
+  std::vector<Operand> w, b;
+  if (auto err = c.inputs(f, y, lr, args, args.size() / 2, w, b); err.failure()) return err;
+  if (rets.size() != args.size() + 1 || !c.result(rets, 0, {c.n, c.dims[0]}) || !c.layer_results(rets, 1))
+    return fail("dd_jax dense: the results must be e_0 (..., N, D_0) and each layer's (W', b')");
   auto run = [&](auto t) {
     using T = decltype(t);
     parallel_for(pool, c.lead.count, [&](int64_t item) {
-      Head<T> h = head_of<T>(c, item, f, y, lr, params, 0);
+      Head<T> h = c.head<T>(item, f, y, lr, args, w, b);
       std::vector<T*> w_new, b_new;
       for (int64_t l = 0; l < c.layers; ++l) {
-        w_new.push_back((*rets.get<ffi::AnyBuffer>(1 + 2 * l))->typed_data<T>() +
-                        item * c.dims[l] * c.dims[l + 1]);
-        b_new.push_back((*rets.get<ffi::AnyBuffer>(2 + 2 * l))->typed_data<T>() + item * c.dims[l + 1]);
+        w_new.push_back(Call::out<T>(rets, 1 + 2 * l, item, c.dims[l] * c.dims[l + 1]));
+        b_new.push_back(Call::out<T>(rets, 2 + 2 * l, item, c.dims[l + 1]));
       }
-      head_step(h, (*e0)->typed_data<T>() + item * c.n * c.dims[0], w_new, b_new);
+      head_step(h, Call::out<T>(rets, 0, item, c.n * c.dims[0]), w_new, b_new);
     });
     return ffi::Error::Success();
   };
-  return f.element_type() == ffi::F32 ? run(float{}) : run(double{});
+  return c.type == ffi::F32 ? run(float{}) : run(double{});
 }
 
-// params: f's step inputs' layers (W, b) .., then the cotangents e_0b, (W_lb, b_lb) ..
+// args: W_1, b_1, .., W_L, b_L, then the cotangents e_0b, W_1b, b_1b, .., W_Lb, b_Lb; results:
+// f_bar, Y_bar, lr_bar, W_1bar, b_1bar, ...
 ffi::Error DenseStepVjpImpl(ffi::ThreadPool pool, ffi::AnyBuffer f, ffi::AnyBuffer y,
-                            ffi::AnyBuffer lr, ffi::RemainingArgs rest, ffi::RemainingRets rets) {
-  auto fbar = rets.get<ffi::AnyBuffer>(0);
-  if (fbar.has_error()) return ffi::Error::InvalidArgument("dd_jax dense: f_bar result missing");
-  Call c((*fbar)->dimensions());
-  const size_t total = rest.size();
-  if (total % 4 != 1) return ffi::Error::InvalidArgument("dd_jax dense vjp: layers, e_0b and the layers' cotangents");
-  const size_t layers = (total - 1) / 4;
-  // the layers' operands are rest[0 .. 2L), then e_0b, then their cotangents
-  std::vector<Operand> wbo(layers), bbo(layers);
-  Operand eo;
-  {
-    // check the layers with a view of `rest` limited to them: `check` reads pairs from `first`
-    // until the end, so check the cotangent pairs the same way, then the layers by shape.
-    if (auto err = check(c, f, y, lr, rest, 2 * layers + 1); err.failure()) return err;
-    if (c.layers != static_cast<int64_t>(layers)) return ffi::Error::InvalidArgument("dd_jax dense vjp: layer count");
-    std::swap(wbo, c.wo);
-    std::swap(bbo, c.bo);
-    c.wo.resize(layers);
-    c.bo.resize(layers);
-    for (size_t l = 0; l < layers; ++l) {
-      auto w = rest.get<ffi::AnyBuffer>(2 * l), b = rest.get<ffi::AnyBuffer>(2 * l + 1);
-      if (!c.lead.operand((*w).dimensions(), 2, c.wo[l]) || !c.lead.operand((*b).dimensions(), 1, c.bo[l]) ||
-          (*w).dimensions().back() != c.dims[l + 1] || (*b).dimensions().back() != c.dims[l + 1])
-        return ffi::Error::InvalidArgument("dd_jax dense vjp: the layers and their cotangents must match");
-    }
-    auto e = rest.get<ffi::AnyBuffer>(2 * layers);
-    if (!c.lead.operand((*e).dimensions(), 2, eo)) return ffi::Error::InvalidArgument("dd_jax dense vjp: e_0b");
-  }
-  if (rets.size() != 3 + 2 * layers) return ffi::Error::InvalidArgument("dd_jax dense vjp: results");
+                            ffi::AnyBuffer lr, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  auto f_bar = rets.get<ffi::AnyBuffer>(0);
+  if (f_bar.has_error() || args.size() % 4 != 1)
+    return fail("dd_jax dense vjp: the layers, e_0b and the layers' cotangents expected");
+  Call c((*f_bar)->dimensions(), f);
+  const int64_t layers = static_cast<int64_t>(args.size() / 4);
+  std::vector<Operand> w, b, wb(layers), bb(layers);
+  Operand e0b;
+  if (auto err = c.inputs(f, y, lr, args, layers, w, b); err.failure()) return err;
+  auto e = args.get<ffi::AnyBuffer>(2 * layers);
+  if (e.has_error() || e->element_type() != c.type || e->dimensions().size() < 2 ||
+      e->dimensions().back() != c.dims[0] || e->dimensions()[e->dimensions().size() - 2] != c.n ||
+      !c.lead.operand(e->dimensions(), 2, e0b))
+    return fail("dd_jax dense vjp: e_0b must be (..., N, D_0)");
+  for (int64_t l = 0; l < layers; ++l)
+    if (!c.pair(args, 2 * layers + 1, l, false, wb[l], bb[l]))
+      return fail("dd_jax dense vjp: the layers' cotangents must have their shapes");
+  if (rets.size() != 3 + 2 * static_cast<size_t>(layers) || !c.result(rets, 0, {c.n, c.dims[0]}) ||
+      !c.result(rets, 1, {c.n, c.dims[layers]}) || !c.result(rets, 2, {}) || !c.layer_results(rets, 3))
+    return fail("dd_jax dense vjp: the results must be f_bar, Y_bar, lr_bar and each layer's");
   auto run = [&](auto t) {
     using T = decltype(t);
     parallel_for(pool, c.lead.count, [&](int64_t item) {
-      Head<T> h = head_of<T>(c, item, f, y, lr, rest, 0);
+      Head<T> h = c.head<T>(item, f, y, lr, args, w, b);
       HeadCotangents<T> ct;
-      ct.e0b = rest.get<ffi::AnyBuffer>(2 * layers)->typed_data<T>() + eo.offsets[item];
-      for (size_t l = 0; l < layers; ++l) {
-        ct.wb.push_back(rest.get<ffi::AnyBuffer>(2 * layers + 1 + 2 * l)->typed_data<T>() +
-                        wbo[l].offsets[item]);
-        ct.bb.push_back(rest.get<ffi::AnyBuffer>(2 * layers + 2 + 2 * l)->typed_data<T>() +
-                        bbo[l].offsets[item]);
-        const int64_t din = c.dims[l], dout = c.dims[l + 1];
-        ct.w_bar.push_back((*rets.get<ffi::AnyBuffer>(3 + 2 * l))->typed_data<T>() + item * din * dout);
-        ct.b_bar.push_back((*rets.get<ffi::AnyBuffer>(4 + 2 * l))->typed_data<T>() + item * dout);
+      ct.e0b = args.get<ffi::AnyBuffer>(2 * layers)->typed_data<T>() + e0b.offsets[item];
+      for (int64_t l = 0; l < layers; ++l) {
+        ct.wb.push_back(args.get<ffi::AnyBuffer>(2 * layers + 1 + 2 * l)->typed_data<T>() +
+                        wb[l].offsets[item]);
+        ct.bb.push_back(args.get<ffi::AnyBuffer>(2 * layers + 2 + 2 * l)->typed_data<T>() +
+                        bb[l].offsets[item]);
+        ct.w_bar.push_back(Call::out<T>(rets, 3 + 2 * l, item, c.dims[l] * c.dims[l + 1]));
+        ct.b_bar.push_back(Call::out<T>(rets, 4 + 2 * l, item, c.dims[l + 1]));
       }
-      ct.f_bar = (*fbar)->typed_data<T>() + item * c.n * c.dims[0];
-      ct.y_bar = (*rets.get<ffi::AnyBuffer>(1))->typed_data<T>() + item * c.n * c.dims[layers];
-      ct.lr_bar = (*rets.get<ffi::AnyBuffer>(2))->typed_data<T>() + item;
+      ct.f_bar = Call::out<T>(rets, 0, item, c.n * c.dims[0]);
+      ct.y_bar = Call::out<T>(rets, 1, item, c.n * c.dims[layers]);
+      ct.lr_bar = Call::out<T>(rets, 2, item, 1);
       head_vjp(h, ct);
     });
     return ffi::Error::Success();
   };
-  return f.element_type() == ffi::F32 ? run(float{}) : run(double{});
+  return c.type == ffi::F32 ? run(float{}) : run(double{});
 }
 
 }  // namespace
