@@ -145,20 +145,26 @@ def make_tiny_mlp(hidden: int = 6, num_classes: int = 10):
 
 
 def make_tiny_convnet(num_classes: int = 10, pool: bool = False, patches_up_to: int = 64,
-                      native: bool = False):
+                      native: bool = False, head: bool = False):
     """A tiny conv net: the library's Toeplitz conv (3x3, 2 features, optionally with its fused
     2x2 max pooling; batches of at most `patches_up_to` images from patches, larger ones through
-    the C++ kernels with `native`), tanh, dense."""
+    the C++ kernels with `native`), tanh, dense; with `head` the dense layer is a declared head
+    (`dense_step.HeadModule`), which `as_model` trains with the fused step."""
     import flax.linen as nn
 
     from dd_jax.conv import ToeplitzConv
 
     class TinyConv(nn.Module):
+        features_only: bool = False
+        head_layers: tuple[str, ...] = ("fc",) if head else ()
+
         @nn.compact
         def __call__(self, x):
             x = nn.tanh(ToeplitzConv(2, (3, 3), 1, pool=pool, patches_up_to=patches_up_to,
                                      native=native, name="conv")(x))
             x = x.reshape(x.shape[0], -1)
+            if self.features_only:
+                return x
             return nn.Dense(num_classes, name="fc")(x)
 
     return TinyConv()

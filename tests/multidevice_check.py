@@ -38,11 +38,13 @@ from dd_jax.outer_step import build_outer_loop  # noqa: E402
 from dd_jax.sharding import sharded_meta_loss  # noqa: E402
 
 ITERATIONS = 3
-# (init regime, n_nets, C++ kernels) -> the 4-device mesh splits the 4 nets, or 2 nets x 2
-# halves of the real batch (the fixed regime's 1 x 4 mesh runs the same code); the last with
-# every batch through the C++ kernels, whose gradients are summed over the axes they vary on
-LAYOUTS = {"nets": ("random", 4, False), "nets_and_batch": ("random", 2, False),
-           "native_nets_and_batch": ("random", 2, True)}
+# (init regime, n_nets, C++ kernels, fused step) -> the 4-device mesh splits the 4 nets, or 2
+# nets x 2 halves of the real batch (the fixed regime's 1 x 4 mesh runs the same code); the last
+# two with every batch through the C++ kernels, whose gradients are summed over the axes they
+# vary on, the last with the dense layer's inner steps in `dense_step.dense_head_step`
+LAYOUTS = {"nets": ("random", 4, False, False), "nets_and_batch": ("random", 2, False, False),
+           "native_nets_and_batch": ("random", 2, True, False),
+           "fused_nets_and_batch": ("random", 2, True, True)}
 
 
 def tiny_dataset() -> Dataset:
@@ -61,16 +63,20 @@ def tiny_config(init_regime: str, n_nets: int, devices: int):
     return c
 
 
-def meta_gradient(dataset: Dataset, config, native: bool) -> dict:
+def meta_gradient(dataset: Dataset, config, native: bool, fused: bool) -> dict:
     """The meta-loss and its gradient at the initial state, for the first real batch; with
-    `native` every convolution through the C++ kernels."""
-    model = make_tiny_convnet(native=True, patches_up_to=0) if native else make_tiny_convnet()
+    `native` every convolution through the C++ kernels, with `fused` the inner steps the
+    model's `gd_step`."""
+    model = make_tiny_convnet(native=True, patches_up_to=0, head=fused) if native else make_tiny_convnet()
     loop = build_outer_loop(dataset, model, config)
+    assert (loop.model.gd_step is not None) == fused
     loss_fn = meta_loss if loop.mesh is None else sharded_meta_loss(loop.mesh)
     idx = jnp.asarray(loop.batches(0))
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnames=("apply_fn", "epochs"))(
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn),
+                          static_argnames=("apply_fn", "epochs", "step_fn"))(
         loop.state.learned, loop.labels, loop.regime.train_inits(0), loop.train_x[idx],
         loop.train_y[idx], apply_fn=loop.model.apply, epochs=config.epochs,
+        step_fn=loop.model.gd_step,
     )
     return {
         "mesh": None if loop.mesh is None else dict(loop.mesh.shape),
@@ -102,10 +108,10 @@ def resumed_run(dataset: Dataset, config, workdir: Path) -> dict:
 def main(out: Path) -> None:
     dataset = tiny_dataset()
     report = {"device_count": jax.device_count(), "gradients": {}, "runs": {}}
-    for name, (regime, n_nets, native) in LAYOUTS.items():
+    for name, (regime, n_nets, native, fused) in LAYOUTS.items():
         report["gradients"][name] = {
-            "one": meta_gradient(dataset, tiny_config(regime, n_nets, 1), native),
-            "four": meta_gradient(dataset, tiny_config(regime, n_nets, 4), native),
+            "one": meta_gradient(dataset, tiny_config(regime, n_nets, 1), native, fused),
+            "four": meta_gradient(dataset, tiny_config(regime, n_nets, 4), native, fused),
         }
     config = lambda devices: tiny_config(*LAYOUTS["nets_and_batch"][:2], devices)
     report["runs"] = {"one": resumed_run(dataset, config(1), out / "one"),

@@ -42,7 +42,8 @@ def four_devices(tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, mesh", [("nets", {"nets": 4, "batch": 1}),
                                           ("nets_and_batch", {"nets": 2, "batch": 2}),
-                                          ("native_nets_and_batch", {"nets": 2, "batch": 2})])
+                                          ("native_nets_and_batch", {"nets": 2, "batch": 2}),
+                                          ("fused_nets_and_batch", {"nets": 2, "batch": 2})])
 def test_sharded_meta_gradient_equals_one_device(four_devices, layout, mesh):
     assert four_devices["device_count"] == 4
     one, four = (four_devices["gradients"][layout][k] for k in ("one", "four"))
