@@ -5,7 +5,8 @@ The data flow, one module per stage (docs/layout.md draws the same map):
     data (dataset: the type, the real batches' order; usps, tfds_data: more loaders)
          -> models (conv: the 5x5 layers; native: their C++ kernels)
          -> pretrain (pools of trained networks) -> regimes (the initialisations theta_0)
-         -> inner (T steps of GD on the distilled data; unroll: other optimisers, windows)
+         -> inner (T steps of GD on the distilled data; unroll: other optimisers, windows;
+            dense_step: a step whose dense head runs in C++)
          -> meta (the meta-loss on a real batch; objective: plain or poison)
          -> outer (the outer loop; outer_step: its jitted iteration; schedule, validation,
             selection, interrupts; sharding over devices)

@@ -9,23 +9,23 @@ ops over kernel-sized arrays (and, under a vmap over networks, batched matmuls);
 the network (the convolutions) keeps its own derivatives.
 
 `fused_gd_step(module)` is the same function as ``inner.gd_step(apply, ., ., ., .)`` with the
-cross-entropy loss, for a Flax module that declares its head (`HeadModule`) when the C++ kernels
-are enabled (`native.enabled`); `models.as_model` gives it to the inner loop (`Model.gd_step`).
+cross-entropy loss, for a Flax module that declares its head (`HeadModule`: LeNet) when the C++
+kernels are enabled (`native.enabled`); `meta_loss` takes it as ``step_fn``, and the outer loop
+gives it to plain-GD inner loops (`outer_step.build_outer_loop`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from dd_jax import native
 from dd_jax.errors import ConfigError
-from dd_jax.inner import descend
+from dd_jax.inner import StepFn, descend
 
 Params = Any
 Layers = tuple[tuple[jax.Array, jax.Array], ...]
-StepFn = Callable[[Params, jax.Array, jax.Array, jax.Array], Params]
 
 
 class HeadModule(Protocol):

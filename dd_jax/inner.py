@@ -90,7 +90,7 @@ def inner_train(
 
     images (S, n, H, W, C), labels (S, n) or (S, n, K), step_sizes (S*epochs,). `step_fn`
     (params, x, y, lr) -> params, when given, is the step: the same function as `gd_step`
-    with `apply_fn` and `loss_fn`, computed another way (`models.Model.gd_step`). Reverse mode
+    with `apply_fn` and `loss_fn`, computed another way (`dense_step.fused_gd_step`). Reverse mode
     stores every step's activations; with ``remat`` the steps are recomputed in the backward
     pass instead (`checkpointed_scan`, step t indexing batch t mod S), so that its memory grows
     with sqrt(T) parameter sets, not with T steps' activations.

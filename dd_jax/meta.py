@@ -81,7 +81,7 @@ def meta_loss(
     learned.labels when they are learned (soft targets), else on `labels` (S, n).
 
     inner None: plain GD through all T steps (`inner_train`, its steps `step_fn` when given,
-    with loss_fn cross-entropy: `models.Model.gd_step`); else `unroll.optimizer_train`
+    with loss_fn cross-entropy: `dense_step.fused_gd_step`); else `unroll.optimizer_train`
     with that optimiser, and with inner.window > 0 the unroll stops at step `stop`, the window
     before it differentiated (the meta-loss is then taken at theta_stop).
     """

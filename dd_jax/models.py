@@ -15,21 +15,16 @@ import jax
 import jax.numpy as jnp
 
 from dd_jax.conv import ConvParams, conv5x5, conv_layers, max_pool_2x2
-from dd_jax.dense_step import fused_gd_step
 from dd_jax.errors import ConfigError
 
 Params = Any
 
 
 class Model(NamedTuple):
-    """A pure network: ``init(key, x) -> params`` and ``apply(params, x) -> logits``, and
-    optionally ``gd_step(params, x, labels, lr) -> params``: one gradient-descent step on the
-    cross-entropy of apply's logits, faster than differentiating apply
-    (`dense_step.fused_gd_step`)."""
+    """A pure network: ``init(key, x) -> params`` and ``apply(params, x) -> logits``."""
 
     init: Callable[[jax.Array, jax.Array], Params]
     apply: Callable[[Params, jax.Array], jax.Array]
-    gd_step: Callable[[Params, jax.Array, jax.Array, jax.Array], Params] | None = None
 
 
 def as_model(model_fn: Any) -> Model:
@@ -40,7 +35,6 @@ def as_model(model_fn: Any) -> Model:
         return Model(
             init=lambda key, x: model_fn.init(key, x)["params"],
             apply=lambda params, x: model_fn.apply({"params": params}, x),
-            gd_step=fused_gd_step(model_fn),
         )
     if isinstance(model_fn, tuple) and len(model_fn) == 2 and all(map(callable, model_fn)):
         return Model(*model_fn)
@@ -56,8 +50,8 @@ class LeNet(nn.Module):
     28x28 inputs are zero-padded by 2 in the first convolution (as the authors' code does), so
     both 28x28 and 32x32 inputs reach a 5x5x16 feature map. ``conv`` 'native' (default),
     'toeplitz' and 'xla' compute the same function with the same parameter tree (`conv.CONVS`).
-    ``features_only`` returns the flattened (N, 400) feature map that the head (fc1, fc2, fc3:
-    `dense_step.HeadModule`) takes.
+    ``features_only`` returns the flattened (N, 400) feature map that the head ``head_layers``
+    takes (fc1, fc2, fc3, ReLU between: the inner loop's fused step, `dense_step`).
     """
 
     num_classes: int = 10

@@ -20,7 +20,9 @@ import optax
 from jax.sharding import Mesh
 
 from dd_jax.dataset import BatchOrder, Dataset, split_holdout
+from dd_jax.dense_step import fused_gd_step
 from dd_jax.evaluation import Evaluator, summarise
+from dd_jax.inner import StepFn
 from dd_jax.meta import Learned, distilled_labels, init_learned, meta_loss
 from dd_jax.models import Model, as_model
 from dd_jax.objective import MetaObjective, objective_for
@@ -61,7 +63,7 @@ def inner_spec(config) -> InnerSpec | None:
 def make_meta_step(
     model: Model, regime: InitRegime, labels: jax.Array, optimizer: optax.GradientTransformation,
     epochs: int, remat: bool, mesh: Mesh | None = None, inner: InnerSpec | None = None,
-    window_key: jax.Array | None = None, learn_rates: bool = True,
+    window_key: jax.Array | None = None, learn_rates: bool = True, step_fn: StepFn | None = None,
 ) -> Callable:
     """Jitted (state, train_x, train_y, batch_idx, pool) -> (state, meta-loss); pool is
     regime.pool (an argument, not a compiled-in constant). With a ('nets', 'batch') `mesh`
@@ -69,7 +71,8 @@ def make_meta_step(
 
     inner: the inner loop (`meta_loss`; None = plain GD); with inner.window > 0 each iteration
     stops its unroll at `unroll.window_stop(window_key, iteration, ...)`. learn_rates False
-    zeroes the step sizes' gradient, so Adam leaves them exactly as they are.
+    zeroes the step sizes' gradient, so Adam leaves them exactly as they are. step_fn: plain
+    GD's inner step where it is not the model differentiated (`meta_loss`).
     """
     loss_fn = meta_loss if mesh is None else sharded_meta_loss(mesh)
     total = labels.shape[0] * epochs
@@ -81,7 +84,7 @@ def make_meta_step(
             unroll["stop"] = window_stop(window_key, state.iteration, inner.window, total)
         loss, grads = jax.value_and_grad(loss_fn)(
             state.learned, labels, init_params, train_x[batch_idx], train_y[batch_idx],
-            apply_fn=model.apply, epochs=epochs, remat=remat, step_fn=model.gd_step, **unroll,
+            apply_fn=model.apply, epochs=epochs, remat=remat, step_fn=step_fn, **unroll,
         )
         if not learn_rates:
             grads = grads.replace(raw_step_sizes=jnp.zeros_like(grads.raw_step_sizes))
@@ -100,7 +103,8 @@ class OuterLoop:
     config.val_size, (val_x, val_y) are that many training images held out of train_x: the
     meta-objective never sees them, `BestOnValidation` chooses the reported iterate with them.
     labels (S, n) are the hard labels (with learned labels: their initial classes); inner the
-    meta-objective's inner loop (None: plain GD).
+    meta-objective's inner loop (None: plain GD), step_fn its steps where they are not the
+    model differentiated (`dense_step.fused_gd_step`).
     """
 
     model: Model
@@ -118,6 +122,7 @@ class OuterLoop:
     val_x: np.ndarray | None = None
     val_y: np.ndarray | None = None
     inner: InnerSpec | None = None
+    step_fn: StepFn | None = None
 
     def step_args(self, state: DistillState, iteration: int) -> tuple:
         """`meta_step`'s arguments for one outer iteration on the real batch `iteration` draws."""
@@ -196,12 +201,13 @@ def build_outer_loop(dataset: Dataset, model_fn, config,
         if regime.pool is not None:
             regime = dataclasses.replace(regime, pool=replicate(regime.pool, mesh))
     inner = inner_spec(config)
+    step_fn = fused_gd_step(model_fn) if inner is None else None
     return OuterLoop(
         model=model, regime=regime, labels=labels, batches=batches,
         total=run_length(config, batches.per_pass), state=state,
         meta_step=make_meta_step(model, regime, labels, optimizer, config.epochs, config.remat,
                                  mesh, inner, jax.random.fold_in(key, WINDOW_STREAM),
-                                 learn_rates=not config.inner_lr),
+                                 learn_rates=not config.inner_lr, step_fn=step_fn),
         train_x=train_x, train_y=train_y, pool=pool, mesh=mesh, epochs=config.epochs,
-        val_x=val_x, val_y=val_y, inner=inner,
+        val_x=val_x, val_y=val_y, inner=inner, step_fn=step_fn,
     )

@@ -149,7 +149,7 @@ def make_tiny_convnet(num_classes: int = 10, pool: bool = False, patches_up_to: 
     """A tiny conv net: the library's Toeplitz conv (3x3, 2 features, optionally with its fused
     2x2 max pooling; batches of at most `patches_up_to` images from patches, larger ones through
     the C++ kernels with `native`), tanh, dense; with `head` the dense layer is a declared head
-    (`dense_step.HeadModule`), which `as_model` trains with the fused step."""
+    (`dense_step.HeadModule`), which the outer loop trains with the fused step."""
     import flax.linen as nn
 
     from dd_jax.conv import ToeplitzConv

@@ -66,17 +66,17 @@ def tiny_config(init_regime: str, n_nets: int, devices: int):
 def meta_gradient(dataset: Dataset, config, native: bool, fused: bool) -> dict:
     """The meta-loss and its gradient at the initial state, for the first real batch; with
     `native` every convolution through the C++ kernels, with `fused` the inner steps the
-    model's `gd_step`."""
+    loop's fused step (`dense_step.fused_gd_step`)."""
     model = make_tiny_convnet(native=True, patches_up_to=0, head=fused) if native else make_tiny_convnet()
     loop = build_outer_loop(dataset, model, config)
-    assert (loop.model.gd_step is not None) == fused
+    assert (loop.step_fn is not None) == fused
     loss_fn = meta_loss if loop.mesh is None else sharded_meta_loss(loop.mesh)
     idx = jnp.asarray(loop.batches(0))
     loss, grads = jax.jit(jax.value_and_grad(loss_fn),
                           static_argnames=("apply_fn", "epochs", "step_fn"))(
         loop.state.learned, loop.labels, loop.regime.train_inits(0), loop.train_x[idx],
         loop.train_y[idx], apply_fn=loop.model.apply, epochs=config.epochs,
-        step_fn=loop.model.gd_step,
+        step_fn=loop.step_fn,
     )
     return {
         "mesh": None if loop.mesh is None else dict(loop.mesh.shape),

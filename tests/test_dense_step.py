@@ -73,17 +73,18 @@ def test_head_step_and_vjp_equal_autodiff(dims, n, soft):
 
 
 def test_lenet_fused_step_equals_gd_step():
-    """LeNet's `Model.gd_step` is `fused_gd_step`'s and computes `inner.gd_step` on its apply
-    (float64, hard and learned labels); models without a declared head get none."""
+    """LeNet's `fused_gd_step` computes `inner.gd_step` on its apply (float64, hard and
+    learned labels); models without a declared head, or without the C++ convolutions, get none."""
     with jax.enable_x64():
-        model = as_model(LeNet())
-        assert model.gd_step is not None and fused_gd_step(LeNet(conv="toeplitz")) is None
+        model, step = as_model(LeNet()), fused_gd_step(LeNet())
+        assert step is not None and fused_gd_step(LeNet(conv="toeplitz")) is None
+        assert fused_gd_step(as_model(LeNet())) is None
         rng = np.random.default_rng(5)
         params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
         params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.2), params)
         x = jnp.asarray(rng.normal(size=(10, 28, 28, 1)))
         for y in (jnp.arange(10) % 10, jnp.asarray(rng.uniform(size=(10, 10)))):
-            got = jax.jit(model.gd_step)(params, x, y, jnp.float64(0.3))
+            got = jax.jit(step)(params, x, y, jnp.float64(0.3))
             want = gd_step(model.apply, params, x, y, jnp.float64(0.3))
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                 np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
@@ -95,7 +96,7 @@ def test_lenet_meta_gradient_fused_equals_differentiated(n_nets, remat):
     step) with the fused step equal those of the differentiated apply, float64."""
     with jax.enable_x64():
         rng = np.random.default_rng(7)
-        model = as_model(LeNet())
+        model, step = as_model(LeNet()), fused_gd_step(LeNet())
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
         init_params = jax.tree.map(lambda s: jnp.asarray(
             rng.normal(size=(n_nets, *s.shape)) / np.sqrt(max(4, np.prod(s.shape[:-1])))), shapes)
@@ -105,7 +106,7 @@ def test_lenet_meta_gradient_fused_equals_differentiated(n_nets, remat):
         real_x = jnp.asarray(rng.normal(size=(12, 28, 28, 1)))
         real_y = jnp.asarray(rng.integers(0, 10, size=12), jnp.int32)
         results = []
-        for step_fn in (model.gd_step, None):
+        for step_fn in (step, None):
             loss = functools.partial(meta_loss, labels=labels, init_params=init_params, real_x=real_x,
                                      real_y=real_y, apply_fn=model.apply, epochs=2, remat=remat,
                                      step_fn=step_fn)

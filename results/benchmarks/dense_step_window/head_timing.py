@@ -5,7 +5,7 @@ its dense head alone), T = 30 (S = 10, E = 3), 10 images per step, median of 30 
     PYTHONPATH=. python results/benchmarks/dense_step_window/head_timing.py head NETS VJP
     PYTHONPATH=. python results/benchmarks/dense_step_window/head_timing.py profile NETS REAL_BATCH FUSED
 
-lenet: `meta_loss` with the fused step (FUSED = 1, `Model.gd_step`) or the differentiated
+lenet: `meta_loss` with the fused step (FUSED = 1, `dense_step.fused_gd_step`) or the differentiated
 apply (0). head: a 400-120-84-10 network on 20x20 distilled inputs, its steps differentiated
 by JAX (VJP = autodiff) or with `headstep.py`'s hand-written VJP (VJP = custom). profile: the
 ops of the lenet meta-gradient over 10 calls (`benchmarks.op_profile.op_events`).
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.op_profile import hlo_lines, op_events
+from dd_jax.dense_step import fused_gd_step
 from dd_jax.meta import distilled_labels, init_learned, meta_loss
 from dd_jax.models import LeNet, as_model
 
@@ -50,7 +51,7 @@ def lenet_meta_gradient(nets, real_batch, fused):
     real_x = jax.random.normal(jax.random.PRNGKey(2), (real_batch, 28, 28, 1))
     real_y = jnp.arange(real_batch) % 10
     loss = functools.partial(meta_loss, apply_fn=model.apply, epochs=EPOCHS,
-                             step_fn=model.gd_step if fused else None)
+                             step_fn=fused_gd_step(LeNet()) if fused else None)
     return jax.jit(jax.value_and_grad(loss)), (learned, labels, init, real_x, real_y)
 
 
