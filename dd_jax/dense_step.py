@@ -87,7 +87,8 @@ dense_head_step.defvjp(_step_fwd, _step_bwd)
 
 def fused_gd_step(module: Any) -> StepFn | None:
     """The inner GD step on cross-entropy, (params, x (N, H, W, C), labels (N,) or (N, K),
-    lr) -> params, with `module`'s head in `dense_head_step`; None where `module` declares no
+    lr) -> params (params: the module's 'params' collection, as `models.as_model` takes them),
+    with `module`'s head in `dense_head_step`; None where `module` declares no
     head (`HeadModule`), its convolutions are not the C++ kernels or those are not enabled."""
     names = getattr(module, "head_layers", ())
     if not names or getattr(module, "conv", "native") != "native" or not native.enabled():

@@ -1,8 +1,7 @@
 """The fused inner step (`dd_jax.dense_step`): the C++ head step and its VJP against JAX's own
-derivatives, and LeNet's fused GD step and meta-gradient against the differentiated apply."""
+derivatives, and LeNet's fused GD step against the differentiated apply (its meta-gradient:
+tests/test_meta_gradient.py)."""
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,6 @@ import pytest
 from dd_jax import native
 from dd_jax.dense_step import dense_head_step, fused_gd_step
 from dd_jax.inner import gd_step
-from dd_jax.meta import Learned, meta_loss
 from dd_jax.models import LeNet, as_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler here")
@@ -88,31 +86,3 @@ def test_lenet_fused_step_equals_gd_step():
             want = gd_step(model.apply, params, x, y, jnp.float64(0.3))
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                 np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("n_nets, remat", [(1, False), (2, True)], ids=["1net", "2nets-vmap-remat"])
-def test_lenet_meta_gradient_fused_equals_differentiated(n_nets, remat):
-    """The meta-loss and meta-gradient (images, step sizes; second order through every inner
-    step) with the fused step equal those of the differentiated apply, float64."""
-    with jax.enable_x64():
-        rng = np.random.default_rng(7)
-        model, step = as_model(LeNet()), fused_gd_step(LeNet())
-        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-        init_params = jax.tree.map(lambda s: jnp.asarray(
-            rng.normal(size=(n_nets, *s.shape)) / np.sqrt(max(4, np.prod(s.shape[:-1])))), shapes)
-        learned = Learned(images=jnp.asarray(rng.normal(size=(2, 10, 28, 28, 1))),
-                          raw_step_sizes=jnp.asarray(rng.uniform(-3.0, -1.0, size=(4,))))
-        labels = jnp.asarray(np.tile(np.arange(10), (2, 1)), jnp.int32)
-        real_x = jnp.asarray(rng.normal(size=(12, 28, 28, 1)))
-        real_y = jnp.asarray(rng.integers(0, 10, size=12), jnp.int32)
-        results = []
-        for step_fn in (step, None):
-            loss = functools.partial(meta_loss, labels=labels, init_params=init_params, real_x=real_x,
-                                     real_y=real_y, apply_fn=model.apply, epochs=2, remat=remat,
-                                     step_fn=step_fn)
-            results.append(jax.jit(jax.value_and_grad(loss))(learned))
-        (value, grad), (value_ref, grad_ref) = results
-        np.testing.assert_allclose(value, value_ref, rtol=1e-10)
-        for g, g_ref in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_ref)):
-            assert float(jnp.max(jnp.abs(g_ref))) > 0
-            np.testing.assert_allclose(g, g_ref, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(g_ref))))

@@ -131,9 +131,11 @@ def test_meta_gradient_matches_finite_differences(model_name, n_nets, remat):
 def test_lenet_meta_gradient_native_equals_pure_xla(n_nets, remat):
     """LeNet's meta-loss and meta-gradient (images and step sizes, second order through every
     inner step) with its two convolution layers chained through the C++ kernels (10-image
-    batches: 6 padding lanes of each block carried from one layer to the next) equal the
-    pure-XLA Toeplitz path's, in float64."""
+    batches: 6 padding lanes of each block carried from one layer to the next), and with the
+    dense head's inner steps fused too (`dense_step.fused_gd_step`), equal the pure-XLA
+    Toeplitz path's, in float64."""
     from dd_jax import native
+    from dd_jax.dense_step import fused_gd_step
     from dd_jax.models import LeNet
     if not native.available():
         pytest.skip("no C++ compiler here")
@@ -148,13 +150,16 @@ def test_lenet_meta_gradient_native_equals_pure_xla(n_nets, remat):
         real_x = jnp.asarray(rng.normal(size=(12, 28, 28, 1)))
         real_y = jnp.asarray(rng.integers(0, 10, size=12), jnp.int32)
         results = {}
-        for conv in ("native", "toeplitz"):
-            loss = functools.partial(meta_loss, labels=labels, init_params=init_params,
-                                     real_x=real_x, real_y=real_y, apply_fn=LeNet(conv=conv).apply,
-                                     epochs=2, remat=remat)
-            results[conv] = jax.jit(jax.value_and_grad(loss))(learned)
-        (value, grad), (value_xla, grad_xla) = results["native"], results["toeplitz"]
-        np.testing.assert_allclose(value, value_xla, rtol=1e-10)
-        for g, g_xla in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_xla)):
-            assert float(jnp.max(jnp.abs(g_xla))) > 0
-            np.testing.assert_allclose(g, g_xla, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(g_xla))))
+        for name, conv, step_fn in (("native", "native", None), ("toeplitz", "toeplitz", None),
+                                    ("fused", "native", fused_gd_step(LeNet()))):
+            loss = functools.partial(meta_loss, labels=labels, init_params=init_params["params"],
+                                     real_x=real_x, real_y=real_y,
+                                     apply_fn=as_model(LeNet(conv=conv)).apply, epochs=2,
+                                     remat=remat, step_fn=step_fn)
+            results[name] = jax.jit(jax.value_and_grad(loss))(learned)
+        value_xla, grad_xla = results["toeplitz"]
+        for value, grad in (results["native"], results["fused"]):
+            np.testing.assert_allclose(value, value_xla, rtol=1e-10)
+            for g, g_xla in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_xla)):
+                assert float(jnp.max(jnp.abs(g_xla))) > 0
+                np.testing.assert_allclose(g, g_xla, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(g_xla))))
