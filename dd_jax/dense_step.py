@@ -45,6 +45,8 @@ def dense_head_step(layers: Layers, features: jax.Array, targets: jax.Array,
     layers ((kernel (D_{l-1}, D_l), bias (D_l,)), ...), features (N, D_0), targets (N, K)
     (one-hot or any label vectors: the loss is -sum_k targets[n, k] log softmax[n, k]), lr ()
     -> (the layers after the step, the loss gradient at the features (N, D_0)).
+    Differentiable once, in reverse mode (the C++ VJP): enough for the meta-gradient through
+    the inner loop; forward mode (``jax.jvp``) and second derivatives raise.
     """
     return _step_call(layers, features, targets, lr)
 
