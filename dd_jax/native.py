@@ -7,10 +7,11 @@ its native convolution and every matmul formulation waste most of their work. Th
 least), and use XLA's intra-op thread pool. Under ``jax.vmap`` (e.g. over networks) one call
 computes every vmapped item.
 
-`available()` compiles the source on first use with the machine's C++ compiler (``$CXX``,
+`available()` compiles the sources on first use with the machine's C++ compiler (``$CXX``,
 else ``g++``) for this CPU (``-march=native``) into ``$DD_JAX_CACHE_DIR`` (default
-``~/.cache/dd_jax``), keyed by the source, the compiler, jaxlib and the CPU, and registers the
-FFI targets for the CPU platform; without a compiler it is False and warns why. The models use
+``~/.cache/dd_jax``), keyed by the sources, the compiler, jaxlib and the CPU, and registers the
+FFI targets for the CPU platform (the same library holds the inner loop's dense-head step,
+``_native/dense.cc``: `dd_jax.dense_step`); without a compiler it is False and warns why. The models use
 the kernels when `enabled()`: JAX's default backend is the CPU, ``DD_JAX_NATIVE`` is not 0 and
 they are available; otherwise their pure-XLA convolutions (`dd_jax.conv.CONVS`).
 
