@@ -178,7 +178,7 @@ struct Head {
   T lr;
   std::vector<const T*> w, b;  // W_l, b_l at index l - 1
   std::vector<Lanes<T>> a, d;  // a[l], l = 0 .. L-1; d[l], l = 1 .. L (d[0] unused)
-  std::vector<Lanes<T>> p, s;  // softmax(z_L) (N, K), s (N, 1); one each
+  Lanes<T> p{0, 0}, s{0, 0};   // softmax(z_L) (N, K), s (N, 1)
 
   // a_1 .. a_{L-1}, softmax(z_L) and d_L = (softmax(z_L) s - Y) / N.
   void forward() {
@@ -192,21 +192,21 @@ struct Head {
         for (int64_t c = 0; c < dims[l]; ++c)
           a[l].at(r, c) = r < n ? std::max(a[l].at(r, c), T(0)) : T(0);
     }
-    p.assign(1, Lanes<T>(n, k));
-    times(a[layers - 1], w[layers - 1], b[layers - 1], p[0]);
+    p = Lanes<T>(n, k);
+    times(a[layers - 1], w[layers - 1], b[layers - 1], p);
     const Lanes<T> targets = Lanes<T>::from_rows(y, n, k);
-    s.assign(1, Lanes<T>(n, 1));
+    s = Lanes<T>(n, 1);
     d.assign(layers + 1, Lanes<T>(0, 0));
     d[layers] = Lanes<T>(n, k);
     for (int64_t r = 0; r < n; ++r) {
-      T m = p[0].at(r, 0), total = 0, sr = 0;
-      for (int64_t c = 1; c < k; ++c) m = std::max(m, p[0].at(r, c));
-      for (int64_t c = 0; c < k; ++c) total += (p[0].at(r, c) = std::exp(p[0].at(r, c) - m));
-      for (int64_t c = 0; c < k; ++c) p[0].at(r, c) /= total;
+      T m = p.at(r, 0), total = 0, sr = 0;
+      for (int64_t c = 1; c < k; ++c) m = std::max(m, p.at(r, c));
+      for (int64_t c = 0; c < k; ++c) total += (p.at(r, c) = std::exp(p.at(r, c) - m));
+      for (int64_t c = 0; c < k; ++c) p.at(r, c) /= total;
       for (int64_t c = 0; c < k; ++c) sr += targets.at(r, c);
-      s[0].at(r, 0) = sr;
+      s.at(r, 0) = sr;
       for (int64_t c = 0; c < k; ++c)
-        d[layers].at(r, c) = (p[0].at(r, c) * sr - targets.at(r, c)) / T(n);
+        d[layers].at(r, c) = (p.at(r, c) * sr - targets.at(r, c)) / T(n);
     }
   }
 
@@ -281,10 +281,10 @@ void head_vjp(Head<T>& h, const HeadCotangents<T>& c) {
   Lanes<T> zbar(n, k);
   for (int64_t r = 0; r < n; ++r) {
     T pdb = 0;
-    for (int64_t q = 0; q < k; ++q) pdb += h.p[0].at(r, q) * dbar[L].at(r, q);
+    for (int64_t q = 0; q < k; ++q) pdb += h.p.at(r, q) * dbar[L].at(r, q);
     for (int64_t q = 0; q < k; ++q) {
       const T db = dbar[L].at(r, q);
-      zbar.at(r, q) = h.s[0].at(r, 0) * h.p[0].at(r, q) * (db - pdb) / T(n);
+      zbar.at(r, q) = h.s.at(r, 0) * h.p.at(r, q) * (db - pdb) / T(n);
       c.y_bar[r * k + q] = (pdb - db) / T(n);
     }
   }
