@@ -1,14 +1,13 @@
-"""speed.jsonl from this window: per config and version, the round with the median median_s,
-labelled before / after, then the authors' algorithm's JSON lines (tcmalloc).
+"""speed.jsonl from a window's files: per config and version, the round with the median
+median_s (every before_R.txt / after_R.txt), labelled before / after, then the authors'
+algorithm's JSON lines (glibc's malloc where torch_NAME.txt was run, tcmalloc).
 
-    python results/benchmarks/dense_step_window/assemble.py results/benchmarks/dense_step_window \
-        results/benchmarks/speed.jsonl
+    python results/benchmarks/dense_step_window/assemble.py WINDOW_DIR results/benchmarks/speed.jsonl
 """
 import json
 import sys
 from pathlib import Path
 
-ROUNDS = 3
 CONFIGS = ("mnist_fixed_init_paper", "mnist_fixed_init_100", "mnist_random_init")
 
 
@@ -20,8 +19,8 @@ def main(window: Path, out: Path) -> None:
     lines = []
     for label in ("before", "after"):
         rounds = {}
-        for r in range(1, ROUNDS + 1):
-            for d in json_lines(window / f"{label}_{r}.txt"):
+        for path in sorted(window.glob(f"{label}_*.txt")):
+            for d in json_lines(path):
                 rounds.setdefault(d["experiment"], []).append(d)
         for experiment, runs in rounds.items():
             median = dict(sorted(runs, key=lambda d: d["median_s"])[len(runs) // 2], label=label)
@@ -29,9 +28,10 @@ def main(window: Path, out: Path) -> None:
                   round(median["median_s"], 4))
             lines.append(median)
     for experiment in CONFIGS:
-        for d in json_lines(window / f"torch_tcmalloc_{experiment}.txt"):
-            print(experiment, "authors'", round(d["median_s"], 4), d["machine"].get("malloc"))
-            lines.append(d)
+        for name in (f"torch_{experiment}.txt", f"torch_tcmalloc_{experiment}.txt"):
+            for d in json_lines(window / name) if (window / name).exists() else []:
+                print(experiment, "authors'", round(d["median_s"], 4), d["machine"].get("malloc"))
+                lines.append(d)
     out.write_text("".join(json.dumps(d) + "\n" for d in lines))
 
 
