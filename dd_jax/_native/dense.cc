@@ -67,15 +67,34 @@ struct Lanes {
 
 constexpr int kTile = 8;  // accumulators per register tile
 
+// How a product's tiles run: on the calling thread, or with a pool over the pool's threads too
+// (a call of one item; with several, the items are the tasks). Each tile is one task, so the
+// result does not depend on which thread runs it. Products of fewer multiply-adds than
+// kParallelWork stay on the calling thread.
+struct Tasks {
+  ffi::ThreadPool* pool = nullptr;
+  static constexpr int64_t kParallelWork = 16384;
+
+  template <typename F>
+  void run(int64_t count, int64_t work, const F& f) const {
+    if (pool && work >= kParallelWork) {
+      parallel_for(*pool, count, f);
+    } else {
+      for (int64_t t = 0; t < count; ++t) f(t);
+    }
+  }
+};
+
 // out = x w (+ bias): x (N, din), w (din, dout), out (N, dout), in lanes.
 template <typename T>
-void times(const Lanes<T>& x, const T* w, const T* bias, Lanes<T>& out) {
+void times(const Tasks& tasks, const Lanes<T>& x, const T* w, const T* bias, Lanes<T>& out) {
   constexpr int V = kLanes<T>;
-  const int64_t din = x.cols, dout = out.cols;
-  for (int64_t b = 0; b < x.blocks; ++b) {
+  const int64_t din = x.cols, dout = out.cols, tiles = (dout + kTile - 1) / kTile;
+  tasks.run(x.blocks * tiles, din * dout, [&](int64_t task) {
+    const int64_t b = task / tiles, o0 = task % tiles * kTile;
     const T* xb = x.block(b);
     T* ob = out.block(b);
-    for (int64_t o0 = 0; o0 < dout; o0 += kTile) {
+    {
       with_static<kTile>(std::min<int64_t>(kTile, dout - o0), [&](auto tile) {
         constexpr int OB = decltype(tile)::value;
         Vec<T> acc[OB];
@@ -88,18 +107,19 @@ void times(const Lanes<T>& x, const T* w, const T* bias, Lanes<T>& out) {
         for (int k = 0; k < OB; ++k) store(ob + (o0 + k) * V, acc[k]);
       });
     }
-  }
+  });
 }
 
 // out (+)= y w^T: y (N, dout), w (din, dout), out (N, din), in lanes; with `add`, onto out.
 template <typename T>
-void times_transposed(const Lanes<T>& y, const T* w, Lanes<T>& out, bool add) {
+void times_transposed(const Tasks& tasks, const Lanes<T>& y, const T* w, Lanes<T>& out, bool add) {
   constexpr int V = kLanes<T>;
-  const int64_t dout = y.cols, din = out.cols;
-  for (int64_t b = 0; b < y.blocks; ++b) {
+  const int64_t dout = y.cols, din = out.cols, tiles = (din + kTile - 1) / kTile;
+  tasks.run(y.blocks * tiles, din * dout, [&](int64_t task) {
+    const int64_t b = task / tiles, i0 = task % tiles * kTile;
     const T* yb = y.block(b);
     T* ob = out.block(b);
-    for (int64_t i0 = 0; i0 < din; i0 += kTile) {
+    {
       with_static<kTile>(std::min<int64_t>(kTile, din - i0), [&](auto tile) {
         constexpr int IB = decltype(tile)::value;
         Vec<T> acc[IB];
@@ -111,17 +131,19 @@ void times_transposed(const Lanes<T>& y, const T* w, Lanes<T>& out, bool add) {
         for (int k = 0; k < IB; ++k) store(ob + (i0 + k) * V, acc[k]);
       });
     }
-  }
+  });
 }
 
 // out = base + scale (x1^T y1 + x2^T y2) (din, dout), row by row: x (N, din) in lanes, y the
 // (N, dout) rows zero-padded to whole registers (`Lanes::padded_rows`); x2 may be null.
 template <typename T>
-void outer(const Lanes<T>& x1, const std::vector<T>& y1, const Lanes<T>* x2, const std::vector<T>* y2,
-           const T* base, T scale, int64_t dout, T* out) {
+void outer(const Tasks& tasks, const Lanes<T>& x1, const std::vector<T>& y1, const Lanes<T>* x2,
+           const std::vector<T>* y2, const T* base, T scale, int64_t dout, T* out) {
   constexpr int V = kLanes<T>;
   const int64_t din = x1.cols, n = x1.rows, padded = (dout + V - 1) / V * V;
-  for (int64_t i = 0; i < din; ++i) {
+  constexpr int64_t kRows = 8;  // kernel rows per task
+  tasks.run((din + kRows - 1) / kRows, n * din * dout, [&](int64_t task) {
+   for (int64_t i = task * kRows; i < std::min(din, (task + 1) * kRows); ++i) {
     for (int64_t c0 = 0; c0 < padded; c0 += kTile * V) {
       with_static<kTile>(std::min<int64_t>(kTile, (padded - c0) / V), [&](auto tile) {
         constexpr int CB = decltype(tile)::value;
@@ -148,7 +170,8 @@ void outer(const Lanes<T>& x1, const std::vector<T>& y1, const Lanes<T>* x2, con
         }
       });
     }
-  }
+   }
+  });
 }
 
 // sum over the rows of m (N, D) in lanes: (D,).
@@ -171,6 +194,7 @@ void keep_positive(Lanes<T>& x, const Lanes<T>& mask) {
 // (= f) .. a_{L-1}, softmax(z_L), s and the gradients d_1 .. d_L, all in lanes.
 template <typename T>
 struct Head {
+  Tasks tasks;
   int64_t n, layers;
   std::vector<int64_t> dims;  // D_0 .. D_L
   const T* f;                 // (N, D_0)
@@ -187,13 +211,13 @@ struct Head {
     a.push_back(Lanes<T>::from_rows(f, n, dims[0]));
     for (int64_t l = 1; l < layers; ++l) {
       a.emplace_back(n, dims[l]);
-      times(a[l - 1], w[l - 1], b[l - 1], a[l]);
+      times(tasks, a[l - 1], w[l - 1], b[l - 1], a[l]);
       for (int64_t r = 0; r < a[l].blocks * kLanes<T>; ++r)  // the rows past N kept zero
         for (int64_t c = 0; c < dims[l]; ++c)
           a[l].at(r, c) = r < n ? std::max(a[l].at(r, c), T(0)) : T(0);
     }
     p = Lanes<T>(n, k);
-    times(a[layers - 1], w[layers - 1], b[layers - 1], p);
+    times(tasks, a[layers - 1], w[layers - 1], b[layers - 1], p);
     const Lanes<T> targets = Lanes<T>::from_rows(y, n, k);
     s = Lanes<T>(n, 1);
     d.assign(layers + 1, Lanes<T>(0, 0));
@@ -214,7 +238,7 @@ struct Head {
   void backward() {
     for (int64_t l = layers; l >= 2; --l) {
       d[l - 1] = Lanes<T>(n, dims[l - 1]);
-      times_transposed(d[l], w[l - 1], d[l - 1], false);
+      times_transposed(tasks, d[l], w[l - 1], d[l - 1], false);
       keep_positive(d[l - 1], a[l - 1]);
     }
   }
@@ -226,11 +250,11 @@ void head_step(Head<T>& h, T* e0, const std::vector<T*>& w_new, const std::vecto
   h.forward();
   h.backward();
   Lanes<T> e(h.n, h.dims[0]);
-  times_transposed(h.d[1], h.w[0], e, false);
+  times_transposed(h.tasks, h.d[1], h.w[0], e, false);
   e.to_rows(e0);
   for (int64_t l = 1; l <= h.layers; ++l) {
     const int64_t dout = h.dims[l];
-    outer(h.a[l - 1], h.d[l].padded_rows(), static_cast<const Lanes<T>*>(nullptr),
+    outer(h.tasks, h.a[l - 1], h.d[l].padded_rows(), static_cast<const Lanes<T>*>(nullptr),
           static_cast<const std::vector<T>*>(nullptr), h.w[l - 1], -h.lr, dout, w_new[l - 1]);
     std::vector<T> sums(dout);
     column_sums(h.d[l], sums.data());
@@ -262,9 +286,9 @@ void head_vjp(Head<T>& h, const HeadCotangents<T>& c) {
   for (int64_t l = 1; l <= L; ++l) {
     const int64_t dout = h.dims[l];
     Lanes<T> u(n, dout);
-    times(h.a[l - 1], c.wb[l - 1], c.bb[l - 1], u);
+    times(h.tasks, h.a[l - 1], c.wb[l - 1], c.bb[l - 1], u);
     dbar[l] = Lanes<T>(n, dout);
-    times(ebar[l - 1], h.w[l - 1], static_cast<const T*>(nullptr), dbar[l]);
+    times(h.tasks, ebar[l - 1], h.w[l - 1], static_cast<const T*>(nullptr), dbar[l]);
     for (int64_t r = 0; r < n; ++r)
       for (int64_t q = 0; q < dout; ++q) {
         lr_bar -= u.at(r, q) * h.d[l].at(r, q);
@@ -292,15 +316,15 @@ void head_vjp(Head<T>& h, const HeadCotangents<T>& c) {
   for (int64_t l = L; l >= 1; --l) {
     const int64_t din = h.dims[l - 1], dout = h.dims[l];
     const std::vector<T> d_rows = h.d[l].padded_rows();
-    outer(h.a[l - 1], zbar.padded_rows(), &ebar[l - 1], &d_rows, c.wb[l - 1], T(1), dout,
+    outer(h.tasks, h.a[l - 1], zbar.padded_rows(), &ebar[l - 1], &d_rows, c.wb[l - 1], T(1), dout,
           c.w_bar[l - 1]);
     std::vector<T> sums(dout);
     column_sums(zbar, sums.data());
     for (int64_t q = 0; q < dout; ++q) c.b_bar[l - 1][q] = c.bb[l - 1][q] + sums[q];
     Lanes<T> abar(n, din), scaled = h.d[l];
-    times_transposed(zbar, h.w[l - 1], abar, false);
+    times_transposed(h.tasks, zbar, h.w[l - 1], abar, false);
     for (T& v : scaled.v) v *= -h.lr;
-    times_transposed(scaled, c.wb[l - 1], abar, true);
+    times_transposed(h.tasks, scaled, c.wb[l - 1], abar, true);
     if (l > 1) {
       keep_positive(abar, h.a[l - 1]);
       zbar = std::move(abar);
@@ -425,6 +449,7 @@ ffi::Error DenseStepImpl(ffi::ThreadPool pool, ffi::AnyBuffer f, ffi::AnyBuffer 
     using T = decltype(t);
     parallel_for(pool, c.lead.count, [&](int64_t item) {
       Head<T> h = c.head<T>(item, f, y, lr, args, w, b);
+      if (c.lead.count == 1) h.tasks.pool = &pool;  // one item: its products' tiles are the tasks
       std::vector<T*> w_new, b_new;
       for (int64_t l = 0; l < c.layers; ++l) {
         w_new.push_back(Call::out<T>(rets, 1 + 2 * l, item, c.dims[l] * c.dims[l + 1]));
@@ -464,6 +489,7 @@ ffi::Error DenseStepVjpImpl(ffi::ThreadPool pool, ffi::AnyBuffer f, ffi::AnyBuff
     using T = decltype(t);
     parallel_for(pool, c.lead.count, [&](int64_t item) {
       Head<T> h = c.head<T>(item, f, y, lr, args, w, b);
+      if (c.lead.count == 1) h.tasks.pool = &pool;  // one item: its products' tiles are the tasks
       HeadCotangents<T> ct;
       ct.e0b = args.get<ffi::AnyBuffer>(2 * layers)->typed_data<T>() + e0b.offsets[item];
       for (int64_t l = 0; l < layers; ++l) {
