@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 #include "common.h"
@@ -31,6 +32,7 @@ using namespace dd_jax_native;
 // of rows (no sums across a register's lanes), as the convolution kernels do.
 template <typename T>
 struct Lanes {
+  using value_type = T;
   int64_t rows, cols, blocks;
   std::vector<T> v;  // (blocks, cols, kLanes)
 
@@ -85,102 +87,81 @@ struct Tasks {
   }
 };
 
-// out = x w (+ bias): x (N, din), w (din, dout), out (N, dout), in lanes.
-template <typename T>
-void times(const Tasks& tasks, const Lanes<T>& x, const T* w, const T* bias, Lanes<T>& out) {
+// out (+)= x m (+ bias): x (N, k) and out (N, cols) in lanes, m (k, cols) the kernel w read
+// row-major (k, cols), or with Transposed w^T for a row-major w (cols, k). With `add` onto
+// out, else from `bias` (null: zero). Tiles of kTile output columns, each summing over k in
+// order.
+template <bool Transposed, typename T>
+void product(const Tasks& tasks, const Lanes<T>& x, const T* w,
+             const typename Lanes<T>::value_type* bias, bool add, Lanes<T>& out) {
   constexpr int V = kLanes<T>;
-  const int64_t din = x.cols, dout = out.cols, tiles = (dout + kTile - 1) / kTile;
-  tasks.run(x.blocks * tiles, din * dout, [&](int64_t task) {
-    const int64_t b = task / tiles, o0 = task % tiles * kTile;
+  const int64_t k = x.cols, cols = out.cols, tiles = (cols + kTile - 1) / kTile;
+  tasks.run(x.blocks * tiles, k * cols, [&](int64_t task) {
+    const int64_t b = task / tiles, j0 = task % tiles * kTile;
     const T* xb = x.block(b);
     T* ob = out.block(b);
-    {
-      with_static<kTile>(std::min<int64_t>(kTile, dout - o0), [&](auto tile) {
-        constexpr int OB = decltype(tile)::value;
-        Vec<T> acc[OB];
-        for (int k = 0; k < OB; ++k) acc[k] = Vec<T>{} + (bias ? bias[o0 + k] : T(0));
-        for (int64_t i = 0; i < din; ++i) {
-          const Vec<T> xv = load(xb + i * V);
-          const T* wi = w + i * dout + o0;
-          for (int k = 0; k < OB; ++k) acc[k] += wi[k] * xv;
-        }
-        for (int k = 0; k < OB; ++k) store(ob + (o0 + k) * V, acc[k]);
-      });
-    }
-  });
-}
-
-// out (+)= y w^T: y (N, dout), w (din, dout), out (N, din), in lanes; with `add`, onto out.
-template <typename T>
-void times_transposed(const Tasks& tasks, const Lanes<T>& y, const T* w, Lanes<T>& out, bool add) {
-  constexpr int V = kLanes<T>;
-  const int64_t dout = y.cols, din = out.cols, tiles = (din + kTile - 1) / kTile;
-  tasks.run(y.blocks * tiles, din * dout, [&](int64_t task) {
-    const int64_t b = task / tiles, i0 = task % tiles * kTile;
-    const T* yb = y.block(b);
-    T* ob = out.block(b);
-    {
-      with_static<kTile>(std::min<int64_t>(kTile, din - i0), [&](auto tile) {
-        constexpr int IB = decltype(tile)::value;
-        Vec<T> acc[IB];
-        for (int k = 0; k < IB; ++k) acc[k] = add ? load(ob + (i0 + k) * V) : Vec<T>{};
-        for (int64_t o = 0; o < dout; ++o) {
-          const Vec<T> yv = load(yb + o * V);
-          for (int k = 0; k < IB; ++k) acc[k] += w[(i0 + k) * dout + o] * yv;
-        }
-        for (int k = 0; k < IB; ++k) store(ob + (i0 + k) * V, acc[k]);
-      });
-    }
+    with_static<kTile>(std::min<int64_t>(kTile, cols - j0), [&](auto tile) {
+      constexpr int JB = decltype(tile)::value;
+      Vec<T> acc[JB];
+      for (int t = 0; t < JB; ++t)
+        acc[t] = add ? load(ob + (j0 + t) * V) : Vec<T>{} + (bias ? bias[j0 + t] : T(0));
+      for (int64_t i = 0; i < k; ++i) {
+        const Vec<T> xv = load(xb + i * V);
+        for (int t = 0; t < JB; ++t)
+          acc[t] += (Transposed ? w[(j0 + t) * k + i] : w[i * cols + j0 + t]) * xv;
+      }
+      for (int t = 0; t < JB; ++t) store(ob + (j0 + t) * V, acc[t]);
+    });
   });
 }
 
 // out = base + scale (x1^T y1 + x2^T y2) (din, dout), row by row: x (N, din) in lanes, y the
-// (N, dout) rows zero-padded to whole registers (`Lanes::padded_rows`); x2 may be null.
+// (N, dout) rows zero-padded to whole registers (`Lanes::padded_rows`); without x2 and y2,
+// base + scale x1^T y1.
 template <typename T>
-void outer(const Tasks& tasks, const Lanes<T>& x1, const std::vector<T>& y1, const Lanes<T>* x2,
-           const std::vector<T>* y2, const T* base, T scale, int64_t dout, T* out) {
+void outer(const Tasks& tasks, const T* base, T scale, int64_t dout, T* out, const Lanes<T>& x1,
+           const std::vector<T>& y1, const Lanes<T>* x2 = nullptr,
+           const std::vector<T>* y2 = nullptr) {
   constexpr int V = kLanes<T>;
-  const int64_t din = x1.cols, n = x1.rows, padded = (dout + V - 1) / V * V;
   constexpr int64_t kRows = 8;  // kernel rows per task
+  const int64_t din = x1.cols, n = x1.rows, padded = (dout + V - 1) / V * V;
   tasks.run((din + kRows - 1) / kRows, n * din * dout, [&](int64_t task) {
-   for (int64_t i = task * kRows; i < std::min(din, (task + 1) * kRows); ++i) {
-    for (int64_t c0 = 0; c0 < padded; c0 += kTile * V) {
-      with_static<kTile>(std::min<int64_t>(kTile, (padded - c0) / V), [&](auto tile) {
-        constexpr int CB = decltype(tile)::value;
-        Vec<T> acc[CB] = {};
-        for (int64_t r = 0; r < n; ++r) {
-          const T a1 = x1.at(r, i);
-          const T* yr = y1.data() + r * padded + c0;
-          for (int k = 0; k < CB; ++k) acc[k] += a1 * load(yr + k * V);
-          if (x2) {
-            const T a2 = x2->at(r, i);
-            const T* y2r = y2->data() + r * padded + c0;
-            for (int k = 0; k < CB; ++k) acc[k] += a2 * load(y2r + k * V);
+    for (int64_t i = task * kRows; i < std::min(din, (task + 1) * kRows); ++i)
+      for (int64_t c0 = 0; c0 < padded; c0 += kTile * V)
+        with_static<kTile>(std::min<int64_t>(kTile, (padded - c0) / V), [&](auto tile) {
+          constexpr int CB = decltype(tile)::value;
+          Vec<T> acc[CB] = {};
+          for (int64_t r = 0; r < n; ++r) {
+            const T a1 = x1.at(r, i);
+            const T* yr = y1.data() + r * padded + c0;
+            for (int k = 0; k < CB; ++k) acc[k] += a1 * load(yr + k * V);
+            if (x2) {
+              const T a2 = x2->at(r, i);
+              const T* y2r = y2->data() + r * padded + c0;
+              for (int k = 0; k < CB; ++k) acc[k] += a2 * load(y2r + k * V);
+            }
           }
-        }
-        const T* from = base + i * dout + c0;
-        T* to = out + i * dout + c0;
-        int k = 0;
-        for (; k < CB && c0 + (k + 1) * V <= dout; ++k)  // whole registers
-          store(to + k * V, load(from + k * V) + scale * acc[k]);
-        if (k < CB) {  // the row's last, partial register
-          T sums[V];
-          store(sums, acc[k]);
-          for (int64_t c = k * V; c < dout - c0; ++c) to[c] = from[c] + scale * sums[c - k * V];
-        }
-      });
-    }
-   }
+          const T* from = base + i * dout + c0;
+          T* to = out + i * dout + c0;
+          int k = 0;
+          for (; k < CB && c0 + (k + 1) * V <= dout; ++k)  // whole registers
+            store(to + k * V, load(from + k * V) + scale * acc[k]);
+          if (k < CB) {  // the row's last, partial register
+            T sums[V];
+            store(sums, acc[k]);
+            for (int64_t c = k * V; c < dout - c0; ++c) to[c] = from[c] + scale * sums[c - k * V];
+          }
+        });
   });
 }
 
-// sum over the rows of m (N, D) in lanes: (D,).
+// out = base + scale (the sum over the rows of m): m (N, D) in lanes, base and out (D,).
 template <typename T>
-void column_sums(const Lanes<T>& m, T* out) {
+void column_sums(const Lanes<T>& m, const T* base, T scale, T* out) {
   for (int64_t c = 0; c < m.cols; ++c) {
     Vec<T> acc{};
     for (int64_t b = 0; b < m.blocks; ++b) acc += load(m.block(b) + c * kLanes<T>);
-    out[c] = lane_sum<T>(acc);
+    out[c] = base[c] + scale * lane_sum<T>(acc);
   }
 }
 
@@ -190,8 +171,8 @@ void keep_positive(Lanes<T>& x, const Lanes<T>& mask) {
   for (size_t e = 0; e < x.v.size(); ++e) x.v[e] = mask.v[e] > 0 ? x.v[e] : T(0);
 }
 
-// The head of one item: its operands, and from `forward` and `backward` the activations a_0
-// (= f) .. a_{L-1}, softmax(z_L), s and the gradients d_1 .. d_L, all in lanes.
+// The head of one item: its operands, and from `forward_backward` the activations a_0 (= f)
+// .. a_{L-1}, softmax(z_L), s and the gradients d_1 .. d_L, all in lanes.
 template <typename T>
 struct Head {
   Tasks tasks;
@@ -204,20 +185,21 @@ struct Head {
   std::vector<Lanes<T>> a, d;  // a[l], l = 0 .. L-1; d[l], l = 1 .. L (d[0] unused)
   Lanes<T> p{0, 0}, s{0, 0};   // softmax(z_L) (N, K), s (N, 1)
 
-  // a_1 .. a_{L-1}, softmax(z_L) and d_L = (softmax(z_L) s - Y) / N.
-  void forward() {
+  // a_1 .. a_{L-1}, softmax(z_L), d_L = (softmax(z_L) s - Y) / N, then back to d_1:
+  // d_{l-1} = (d_l W_l^T) where a_{l-1} > 0.
+  void forward_backward() {
     const int64_t k = dims[layers];
     a.clear();
     a.push_back(Lanes<T>::from_rows(f, n, dims[0]));
     for (int64_t l = 1; l < layers; ++l) {
       a.emplace_back(n, dims[l]);
-      times(tasks, a[l - 1], w[l - 1], b[l - 1], a[l]);
+      product<false>(tasks, a[l - 1], w[l - 1], b[l - 1], false, a[l]);
       for (int64_t r = 0; r < a[l].blocks * kLanes<T>; ++r)  // the rows past N kept zero
         for (int64_t c = 0; c < dims[l]; ++c)
           a[l].at(r, c) = r < n ? std::max(a[l].at(r, c), T(0)) : T(0);
     }
     p = Lanes<T>(n, k);
-    times(tasks, a[layers - 1], w[layers - 1], b[layers - 1], p);
+    product<false>(tasks, a[layers - 1], w[layers - 1], b[layers - 1], false, p);
     const Lanes<T> targets = Lanes<T>::from_rows(y, n, k);
     s = Lanes<T>(n, 1);
     d.assign(layers + 1, Lanes<T>(0, 0));
@@ -232,13 +214,9 @@ struct Head {
       for (int64_t c = 0; c < k; ++c)
         d[layers].at(r, c) = (p.at(r, c) * sr - targets.at(r, c)) / T(n);
     }
-  }
-
-  // d_{L-1} .. d_1 from d_L: d_{l-1} = (d_l W_l^T) where a_{l-1} > 0.
-  void backward() {
     for (int64_t l = layers; l >= 2; --l) {
       d[l - 1] = Lanes<T>(n, dims[l - 1]);
-      times_transposed(tasks, d[l], w[l - 1], d[l - 1], false);
+      product<true>(tasks, d[l], w[l - 1], nullptr, false, d[l - 1]);
       keep_positive(d[l - 1], a[l - 1]);
     }
   }
@@ -247,18 +225,13 @@ struct Head {
 // One step: e_0 (N, D_0) and each layer's W_l' = W_l - lr a_{l-1}^T d_l, b_l' = b_l - lr sum d_l.
 template <typename T>
 void head_step(Head<T>& h, T* e0, const std::vector<T*>& w_new, const std::vector<T*>& b_new) {
-  h.forward();
-  h.backward();
+  h.forward_backward();
   Lanes<T> e(h.n, h.dims[0]);
-  times_transposed(h.tasks, h.d[1], h.w[0], e, false);
+  product<true>(h.tasks, h.d[1], h.w[0], nullptr, false, e);
   e.to_rows(e0);
   for (int64_t l = 1; l <= h.layers; ++l) {
-    const int64_t dout = h.dims[l];
-    outer(h.tasks, h.a[l - 1], h.d[l].padded_rows(), static_cast<const Lanes<T>*>(nullptr),
-          static_cast<const std::vector<T>*>(nullptr), h.w[l - 1], -h.lr, dout, w_new[l - 1]);
-    std::vector<T> sums(dout);
-    column_sums(h.d[l], sums.data());
-    for (int64_t c = 0; c < dout; ++c) b_new[l - 1][c] = h.b[l - 1][c] + (-h.lr) * sums[c];
+    outer(h.tasks, h.w[l - 1], -h.lr, h.dims[l], w_new[l - 1], h.a[l - 1], h.d[l].padded_rows());
+    column_sums(h.d[l], h.b[l - 1], -h.lr, b_new[l - 1]);
   }
 }
 
@@ -276,8 +249,7 @@ struct HeadCotangents {
 template <typename T>
 void head_vjp(Head<T>& h, const HeadCotangents<T>& c) {
   const int64_t n = h.n, L = h.layers;
-  h.forward();
-  h.backward();
+  h.forward_backward();
   // The reverse of the backward pass, layer 1 up: dbar_l = ebar_{l-1} W_l - lr (a_{l-1} W_lb
   // + b_lb), ebar_l = dbar_l where a_l > 0; lr's cotangent -<W_lb, a^T d_l> - <b_lb, sum d_l>.
   std::vector<Lanes<T>> ebar, dbar(L + 1, Lanes<T>(0, 0));
@@ -286,9 +258,9 @@ void head_vjp(Head<T>& h, const HeadCotangents<T>& c) {
   for (int64_t l = 1; l <= L; ++l) {
     const int64_t dout = h.dims[l];
     Lanes<T> u(n, dout);
-    times(h.tasks, h.a[l - 1], c.wb[l - 1], c.bb[l - 1], u);
+    product<false>(h.tasks, h.a[l - 1], c.wb[l - 1], c.bb[l - 1], false, u);
     dbar[l] = Lanes<T>(n, dout);
-    times(h.tasks, ebar[l - 1], h.w[l - 1], static_cast<const T*>(nullptr), dbar[l]);
+    product<false>(h.tasks, ebar[l - 1], h.w[l - 1], nullptr, false, dbar[l]);
     for (int64_t r = 0; r < n; ++r)
       for (int64_t q = 0; q < dout; ++q) {
         lr_bar -= u.at(r, q) * h.d[l].at(r, q);
@@ -316,15 +288,13 @@ void head_vjp(Head<T>& h, const HeadCotangents<T>& c) {
   for (int64_t l = L; l >= 1; --l) {
     const int64_t din = h.dims[l - 1], dout = h.dims[l];
     const std::vector<T> d_rows = h.d[l].padded_rows();
-    outer(h.tasks, h.a[l - 1], zbar.padded_rows(), &ebar[l - 1], &d_rows, c.wb[l - 1], T(1), dout,
-          c.w_bar[l - 1]);
-    std::vector<T> sums(dout);
-    column_sums(zbar, sums.data());
-    for (int64_t q = 0; q < dout; ++q) c.b_bar[l - 1][q] = c.bb[l - 1][q] + sums[q];
+    outer(h.tasks, c.wb[l - 1], T(1), dout, c.w_bar[l - 1], h.a[l - 1], zbar.padded_rows(),
+          &ebar[l - 1], &d_rows);
+    column_sums(zbar, c.bb[l - 1], T(1), c.b_bar[l - 1]);
     Lanes<T> abar(n, din), scaled = h.d[l];
-    times_transposed(h.tasks, zbar, h.w[l - 1], abar, false);
+    product<true>(h.tasks, zbar, h.w[l - 1], nullptr, false, abar);
     for (T& v : scaled.v) v *= -h.lr;
-    times_transposed(h.tasks, scaled, c.wb[l - 1], abar, true);
+    product<true>(h.tasks, scaled, c.wb[l - 1], nullptr, true, abar);
     if (l > 1) {
       keep_positive(abar, h.a[l - 1]);
       zbar = std::move(abar);
