@@ -35,7 +35,6 @@ namespace {
 
 using namespace dd_jax_native;
 
-
 struct Shape {
   int64_t B, H, W, Ci, Co, kh, kw, ph, pw, Ho, Wo;
 };
@@ -228,7 +227,6 @@ inline void padded_row(const Shape& s, const T* xb, int64_t h, T* row) {
   std::fill(row + (s.pw + s.W) * NB, row + wp * NB, T{0});
 }
 
-
 // y = the convolution of x with w, or with `max_pool` its 2x2 max pooling and the argmax
 // `index`; then + bias, and with `relu` rectified; for every item of the leading axes.
 template <typename T, int NB>
@@ -371,7 +369,6 @@ inline void weight_grad_row_tile(const Shape& s, const T* xrow, const T* dyrow, 
   for (int a = 0; a < DJ; ++a)
     for (int c = 0; c < CB; ++c) part[(di * s.kw + dj0 + a) * s.Co + co0 + c] += acc[a][c];
 }
-
 
 // The gradient at a 2x2 max pooling's output (+ relu) from which a weight gradient unpools
 // its dy (`pool_grad_row`): g, y (the pooled, rectified output) and the argmax index, each
@@ -548,7 +545,6 @@ void pooled_bias_grad(ffi::ThreadPool& pool, int64_t items, int64_t pixels, int6
     for (int64_t c = 0; c < C; ++c) db[n * C + c] = lane_sum<T>(sums[c]);
   });
 }
-
 
 // One item's shape from x's trailing (B, H, W, Ci, NB), the kernel's (kh, kw, Ci, Co) and the
 // padding, checked.
