@@ -51,17 +51,19 @@ def dense_head_step(layers: Layers, features: jax.Array, targets: jax.Array,
     return _step_call(layers, features, targets, lr)
 
 
+def _shapes(*arrays) -> list[tuple[tuple[int, ...], jnp.dtype]]:
+    """The (shape, dtype) of each array: FFI results shaped as they are."""
+    return [(a.shape, a.dtype) for a in arrays]
+
+
 def _step_call(layers, features, targets, lr):
     if not native.available():
         raise ConfigError("dense_head_step needs the C++ kernels (dd_jax.native), which are "
                           "unavailable here; differentiate the model instead (inner.gd_step)")
-    results = [(features.shape, features.dtype)]
-    for kernel, bias in layers:
-        results += [(kernel.shape, kernel.dtype), (bias.shape, bias.dtype)]
-    lr = jnp.asarray(lr, features.dtype)
-    e0, *flat = native.ffi_call("dd_jax_dense_step", results, features, targets, lr,
-                                *(a for layer in layers for a in layer))
-    return tuple(zip(flat[::2], flat[1::2])), e0
+    flat = jax.tree.leaves(layers)  # W_1, b_1, .., W_L, b_L
+    e0, *new = native.ffi_call("dd_jax_dense_step", _shapes(features, *flat), features, targets,
+                               jnp.asarray(lr, features.dtype), *flat)
+    return jax.tree.unflatten(jax.tree.structure(layers), new), e0
 
 
 def _step_fwd(layers, features, targets, lr):
@@ -72,14 +74,12 @@ def _step_bwd(residuals, cotangents):
     layers, features, targets, lr = residuals
     layers_bar, e0_bar = cotangents
     lr_array = jnp.asarray(lr, features.dtype)
-    results = [(features.shape, features.dtype), (targets.shape, targets.dtype), ((), lr_array.dtype)]
-    for kernel, bias in layers:
-        results += [(kernel.shape, kernel.dtype), (bias.shape, bias.dtype)]
-    f_bar, t_bar, lr_bar, *flat = native.ffi_call(
-        "dd_jax_dense_step_vjp", results, features, targets, lr_array,
-        *(a for layer in layers for a in layer), e0_bar, *(a for layer in layers_bar for a in layer))
+    flat = jax.tree.leaves(layers)
+    f_bar, t_bar, lr_bar, *flat_bar = native.ffi_call(
+        "dd_jax_dense_step_vjp", _shapes(features, targets, lr_array, *flat), features, targets,
+        lr_array, *flat, e0_bar, *jax.tree.leaves(layers_bar))
     like = native.like_primal
-    layers_out = tuple((like(w, k), like(b, c)) for (w, b), (k, c) in zip(zip(flat[::2], flat[1::2]), layers))
+    layers_out = jax.tree.unflatten(jax.tree.structure(layers), map(like, flat_bar, flat))
     return (layers_out, like(f_bar, features), like(t_bar, targets),
             like(lr_bar, lr_array).astype(jnp.result_type(lr)))
 
