@@ -379,12 +379,14 @@ struct Call {
     return true;
   }
 
-  // Item `item`'s Head, its layers (W, b) at args[0 ..].
+  // Item `item`'s Head, its layers (W, b) at args[0 ..]; in a call of one item its products'
+  // tiles are the pool's tasks (several items are a task each).
   template <typename T>
-  Head<T> head(int64_t item, ffi::AnyBuffer fb, ffi::AnyBuffer yb, ffi::AnyBuffer lrb,
-               ffi::RemainingArgs args, const std::vector<Operand>& w,
+  Head<T> head(ffi::ThreadPool& pool, int64_t item, ffi::AnyBuffer fb, ffi::AnyBuffer yb,
+               ffi::AnyBuffer lrb, ffi::RemainingArgs args, const std::vector<Operand>& w,
                const std::vector<Operand>& b) const {
     Head<T> h;
+    if (lead.count == 1) h.tasks.pool = &pool;
     h.n = n;
     h.layers = layers;
     h.dims = dims;
@@ -418,8 +420,7 @@ ffi::Error DenseStepImpl(ffi::ThreadPool pool, ffi::AnyBuffer f, ffi::AnyBuffer 
   auto run = [&](auto t) {
     using T = decltype(t);
     parallel_for(pool, c.lead.count, [&](int64_t item) {
-      Head<T> h = c.head<T>(item, f, y, lr, args, w, b);
-      if (c.lead.count == 1) h.tasks.pool = &pool;  // one item: its products' tiles are the tasks
+      Head<T> h = c.head<T>(pool, item, f, y, lr, args, w, b);
       std::vector<T*> w_new, b_new;
       for (int64_t l = 0; l < c.layers; ++l) {
         w_new.push_back(Call::out<T>(rets, 1 + 2 * l, item, c.dims[l] * c.dims[l + 1]));
@@ -458,8 +459,7 @@ ffi::Error DenseStepVjpImpl(ffi::ThreadPool pool, ffi::AnyBuffer f, ffi::AnyBuff
   auto run = [&](auto t) {
     using T = decltype(t);
     parallel_for(pool, c.lead.count, [&](int64_t item) {
-      Head<T> h = c.head<T>(item, f, y, lr, args, w, b);
-      if (c.lead.count == 1) h.tasks.pool = &pool;  // one item: its products' tiles are the tasks
+      Head<T> h = c.head<T>(pool, item, f, y, lr, args, w, b);
       HeadCotangents<T> ct;
       ct.e0b = args.get<ffi::AnyBuffer>(2 * layers)->typed_data<T>() + e0b.offsets[item];
       for (int64_t l = 0; l < layers; ++l) {
